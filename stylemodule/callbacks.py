@@ -1,0 +1,165 @@
+"""Lightning callbacks: TensorBoard images, stall detection, the step progress bar and
+crash-safe checkpoint files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from stylemodule.files import atomic_path
+from stylemodule.images import save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The SummaryWriter of the trainer's TensorBoard logger, or None without one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class ImageLogger(Callback):
+    """Log the input images once and the generated image every `every_n_steps` steps.
+
+    TensorBoard receives the same uint8 pixels that `png_path` (when given) is
+    overwritten with, so the latest image on disk is always the latest one logged.
+    """
+
+    def __init__(self, every_n_steps: int, png_path: str | Path | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.png_path = Path(png_path) if png_path is not None else None
+        self._last_logged_step = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or trainer.global_step > 0:
+            return
+        inputs = {"input/content": pl_module.content, "input/style": pl_module.style}
+        if pl_module.reference is not None:
+            inputs["input/reference"] = pl_module.reference
+        for tag, image in inputs.items():
+            writer.add_image(tag, to_uint8(image[0].float().cpu()), 0, dataformats="CHW")
+        self._log_generated(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._log_generated(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._log_generated(trainer, pl_module)
+
+    def _log_generated(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_logged_step:
+            return
+        image = pl_module.generated_rgb()[0].cpu()
+        if not image.isfinite().all():
+            log.warning("generated image at step %d is not finite; not logged", step)
+            return
+        self._last_logged_step = step
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
+        if self.png_path is not None:
+            save_png(image, self.png_path)
+
+
+class StallMonitor(Callback):
+    """Stop a run whose total loss has not changed for `patience` consecutive steps.
+
+    A stalled L-BFGS (no descent direction, or a step too small to change the loss)
+    otherwise looks like a finished run. `stalled_at` records the step, and the run's
+    metrics report it as the stop reason.
+    """
+
+    def __init__(self, patience: int, rtol: float = 1e-9) -> None:
+        self.patience = patience
+        self.rtol = rtol
+        self.unchanged = 0
+        self.previous: float | None = None
+        self.stalled_at: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        loss = pl_module.last_loss
+        if loss is None or self.patience <= 0:
+            return
+        if self.previous is not None and abs(loss - self.previous) <= self.rtol * abs(self.previous):
+            self.unchanged += 1
+        else:
+            self.unchanged = 0
+        self.previous = loss
+        if self.unchanged >= self.patience:
+            self.stalled_at = trainer.global_step
+            log.warning(
+                "loss has not changed for %d steps (%.6g at step %d); stopping: the optimiser stalled",
+                self.patience, loss, trainer.global_step,
+            )
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unchanged": self.unchanged, "previous": self.previous, "stalled_at": self.stalled_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unchanged = state_dict["unchanged"]
+        self.previous = state_dict["previous"]
+        self.stalled_at = state_dict["stalled_at"]
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over all optimisation steps (not epochs), with the loss and the latest MAE."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("steps")
+        self.train_progress_bar.refresh()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if self._should_update(step, trainer.max_steps):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.refresh()
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    # The evaluation every few steps is a single batch: no second bar for it.
+    def on_validation_start(self, *args: Any) -> None:
+        pass
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints under a temporary name and rename them; load with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_path(path) as temporary:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)

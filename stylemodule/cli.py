@@ -1,0 +1,251 @@
+"""Command line: `stylemodule transfer|search|report|data`.
+
+The options of `transfer` and `search` come from the fields of `StyleConfig`: their
+names, types, defaults and help text. Each command is `main(argv)`-testable; bad
+input ends with one line on stderr and exit code 2, a failed run with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stylemodule import config as config_module
+from stylemodule.config import PRESETS, StyleConfig, field_type, load_yaml, preset
+from stylemodule.errors import ConfigError, InputError, StyleModuleError
+
+log = logging.getLogger("stylemodule")
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+# What a run writes into its output folder; --overwrite removes exactly these.
+RUN_OUTPUTS = ("image.png", "config.yaml", "metrics.json", "tensorboard", "checkpoints")
+
+
+# ---------------------------------------------------------------------- config options
+
+
+def _none_or(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("", "none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Add one option per config field; unset options stay None so presets show through."""
+    group = parser.add_argument_group("settings (defaults: the gatys2016 preset)")
+    for f in StyleConfig.fields():
+        base, optional = field_type(f)
+        option = "--" + f.name.replace("_", "-")
+        default = getattr(config_module.GATYS2016, f.name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if base is bool:
+            group.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
+        elif base is list:
+            item = float if f.name == "style_layer_weights" else str
+            group.add_argument(option, nargs="+", type=item, metavar="VALUE", **kwargs)
+        else:
+            convert = _none_or(base) if optional else base
+            choices = f.metadata.get("choices")
+            if choices:
+                kwargs["choices"] = choices
+            group.add_argument(option, type=convert, metavar=base.__name__.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: StyleConfig) -> StyleConfig:
+    """Apply the config options given on the command line on top of `base`."""
+    changes = {f.name: getattr(args, f.name) for f in StyleConfig.fields() if getattr(args, f.name) is not None}
+    return StyleConfig.from_dict(changes, base=base)
+
+
+def base_config(args: argparse.Namespace) -> StyleConfig:
+    """The preset, then the config file (if any), before the command-line options."""
+    base = preset(args.preset)
+    if args.config:
+        base = load_yaml(args.config, base=base)
+    return base
+
+
+def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="folder of the reference images (default: $STYLEMODULE_DATA, else the project's data/)",
+    )
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Reject an output folder that already holds a run, unless overwriting or resuming."""
+    existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
+    if not existing or resuming:
+        return
+    if not overwrite:
+        raise InputError(
+            f"output folder {path} already holds a run ({', '.join(existing)}); "
+            "pass --overwrite to replace it, --resume to continue it, or choose another --output"
+        )
+    for name in existing:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+# ---------------------------------------------------------------------- transfer
+
+
+def transfer_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "transfer",
+        help="run one style transfer",
+        description="Generate one stylised image. Settings: preset < --config file < options.",
+    )
+    parser.add_argument("--preset", default="gatys2016", help=f"named settings: {', '.join(PRESETS)}")
+    parser.add_argument("--config", help="YAML config file, such as a run's config.yaml")
+    parser.add_argument("--output", type=Path, help="output folder (default: outputs/<preset>)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="checkpoint to continue from (a .ckpt file or a run folder); its config is the base",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_data_dir_option(parser)
+    add_config_options(parser)
+    parser.set_defaults(handler=run_transfer_command)
+
+
+def resolve_resume(path: Path) -> Path:
+    if path.is_dir():
+        return path / "checkpoints" / "last.ckpt"
+    return path
+
+
+def run_transfer_command(args: argparse.Namespace) -> int:
+    from stylemodule.data import resolve_data_dir
+    from stylemodule.run import read_checkpoint, run_transfer
+
+    resume = resolve_resume(args.resume) if args.resume else None
+    if resume is not None and not args.config:
+        # The checkpoint's own config is the base, so `--resume CKPT --steps N` extends it.
+        hparams = read_checkpoint(resume).get("hyper_parameters", {})
+        base = StyleConfig.from_dict(hparams) if hparams else base_config(args)
+    else:
+        base = base_config(args)
+    config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
+
+    if args.output is not None:
+        output = args.output
+    elif resume is not None:
+        output = resume.resolve().parent.parent
+    else:
+        output = Path("outputs") / args.preset
+    prepare_output_dir(output, args.overwrite, resuming=resume is not None)
+
+    record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress)
+    summary = ", ".join(f"{key} {value:.4g}" for key, value in record.items() if isinstance(value, float))
+    print(f"wrote {output / 'image.png'} after {record['steps']} steps ({record['stop_reason']}); {summary}")
+    return 0
+
+
+# ---------------------------------------------------------------------- data
+
+
+def data_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="download or check the reference images",
+        description="Download (fetch) or check (verify) the images listed in data/manifest.tsv.",
+    )
+    parser.add_argument("action", choices=("fetch", "verify"))
+    parser.add_argument("--force", action="store_true", help="fetch: download even files that verify")
+    parser.add_argument("--timeout", type=float, default=30.0, help="fetch: seconds per download")
+    add_data_dir_option(parser)
+    parser.set_defaults(handler=run_data_command)
+
+
+def run_data_command(args: argparse.Namespace) -> int:
+    from stylemodule import data
+
+    data_dir = data.resolve_data_dir(args.data_dir)
+    entries = data.read_manifest()
+    if args.action == "fetch":
+        statuses = data.fetch(data_dir, entries, timeout=args.timeout, force=args.force, progress=print)
+    else:
+        statuses = data.verify(data_dir, entries)
+    for status in statuses:
+        print(f"{status.state:>16}  {status.path}")
+    if args.action == "verify":
+        data.check(data_dir, entries)
+    return 0
+
+
+# ---------------------------------------------------------------------- search and report
+
+
+def search_parser(subparsers: Any) -> None:
+    from stylemodule.search import add_search_arguments, run_search_command
+
+    parser = subparsers.add_parser(
+        "search",
+        help="search hyperparameters with Ray Tune and ASHA",
+        description="Run many style transfer trials with Ray Tune and rank them by MAE against the reference.",
+    )
+    add_search_arguments(parser)
+    add_data_dir_option(parser)
+    add_config_options(parser)
+    parser.set_defaults(handler=run_search_command)
+
+
+def report_parser(subparsers: Any) -> None:
+    from stylemodule.report import run_report_command
+
+    parser = subparsers.add_parser(
+        "report",
+        help="write the results table and contact sheet of a search",
+        description="Regenerate results.csv, contact_sheet.png, best.png and best_config.yaml of a search.",
+    )
+    parser.add_argument("experiment", type=Path, help="experiment folder written by `stylemodule search`")
+    parser.set_defaults(handler=run_report_command)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylemodule", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    transfer_parser(subparsers)
+    search_parser(subparsers)
+    report_parser(subparsers)
+    data_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except InputError as error:
+        print(f"stylemodule {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StyleModuleError as error:
+        print(f"stylemodule {args.command}: failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"stylemodule {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Exceptions raised by stylemodule.
+
+The command line turns an ``InputError`` into a one-line message and exit code 2
+(bad input, rejected before any work starts) and any other ``StyleModuleError``
+into exit code 1 (a run that started and failed).
+"""
+
+
+class StyleModuleError(Exception):
+    """Base class of every error that stylemodule raises on purpose."""
+
+
+class InputError(StyleModuleError, ValueError):
+    """An invalid setting, file or argument, found before any work starts."""
+
+
+class ConfigError(InputError):
+    """An invalid configuration value, key or preset name."""
+
+
+class ImageError(InputError):
+    """An image file that is missing, unreadable or of an unusable size."""
+
+
+class DataError(InputError):
+    """A reference data file that is missing or does not match the manifest."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that does not belong to the run it should resume."""
+
+
+class NonFiniteLossError(StyleModuleError, FloatingPointError):
+    """The loss became NaN or infinite during optimisation."""
+
+    def __init__(self, step: int, loss: float, hint: str = "") -> None:
+        self.step = step
+        self.loss = loss
+        message = f"loss became {loss} at step {step}"
+        if hint:
+            message = f"{message}; {hint}"
+        super().__init__(message)

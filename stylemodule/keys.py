@@ -1,0 +1,30 @@
+"""Metric keys: the names under which losses and metrics are logged and reported.
+
+TensorBoard, the progress bar, checkpoints' callback metrics and Ray Tune all read
+these constants, because a misspelt key only produces a warning.
+"""
+
+LOSS_TOTAL = "loss/total"
+LOSS_CONTENT = "loss/content"
+LOSS_STYLE = "loss/style"
+LOSS_TV = "loss/tv"
+METRIC_MAE = "metric/mae"
+METRIC_SSIM = "metric/ssim"
+METRIC_PSNR = "metric/psnr"
+
+# Ray Tune's names for the values reported from each trial.
+TUNE_MAE = "mae"
+TUNE_STEP = "step"
+TUNE_REPORTED = {
+    TUNE_MAE: METRIC_MAE,
+    "ssim": METRIC_SSIM,
+    "psnr": METRIC_PSNR,
+    "loss": LOSS_TOTAL,
+    "content_loss": LOSS_CONTENT,
+    "style_loss": LOSS_STYLE,
+}
+
+
+def style_layer_loss(layer: str) -> str:
+    """Key of one style layer's unweighted loss, such as `loss/style/relu3_1`."""
+    return f"{LOSS_STYLE}/{layer}"

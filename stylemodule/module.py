@@ -1,0 +1,252 @@
+"""StyleTransferModule: a LightningModule whose only parameter is the generated image."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.regression import MeanAbsoluteError
+
+from stylemodule import keys
+from stylemodule.config import StyleConfig
+from stylemodule.errors import CheckpointError, NonFiniteLossError
+from stylemodule.losses import content_loss, gram_matrix, style_layer_loss, total_variation
+from stylemodule.vgg import VGGFeatures, build_extractor
+
+
+class StyleTransferModule(pl.LightningModule):
+    """Optimise an image so that its VGG19 features match a content and a style image.
+
+    `content` and `style` are RGB images in [0, 1] of shape (3, H, W), already at the
+    sizes to use; `reference`, at its own size, is what `metric/mae` compares against.
+    `calibration` holds RGB images for the Gatys normalisation (default: content and
+    style). The feature extractor is frozen and kept out of `parameters()`,
+    `state_dict()` and checkpoints; the targets are computed once on the run's device.
+    """
+
+    def __init__(
+        self,
+        config: StyleConfig,
+        content: torch.Tensor,
+        style: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        calibration: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        # logger=False: the hparams go to TensorBoard once, with the final metrics.
+        self.save_hyperparameters(config.to_dict(), logger=False)
+
+        extractor = build_extractor(config.loss_layers, config.weights, config.pooling, config.preprocessing)
+        if config.channels_last:
+            extractor = extractor.to(memory_format=torch.channels_last)
+        # Stored outside nn.Module's registry: not a parameter, not in the checkpoint.
+        self.__dict__["extractor"] = extractor
+        self._calibration = list(calibration) if calibration is not None else [content, style]
+        self._prepared = False
+
+        self.register_buffer("content", content.unsqueeze(0).contiguous(), persistent=False)
+        self.register_buffer("style", style.unsqueeze(0).contiguous(), persistent=False)
+        self.register_buffer(
+            "reference", None if reference is None else reference.unsqueeze(0).contiguous(), persistent=False
+        )
+        self.image = nn.Parameter(self._initial_image(content))
+
+        metrics = {
+            "mae": MeanAbsoluteError(),
+            "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            "psnr": PeakSignalNoiseRatio(data_range=1.0),
+        }
+        self.metrics = MetricCollection(metrics, prefix="metric/")
+        self.last_loss: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _initial_image(self, content: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) starting image in the extractor's input space."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        noise = torch.rand(content.shape, generator=generator)  # white noise, uniform RGB
+        blend = {"noise": 0.0, "content": 1.0, "blend": self.config.init_blend}[self.config.init]
+        start = blend * content + (1 - blend) * noise
+        image = self.extractor.preprocess(start.unsqueeze(0))
+        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        return image.contiguous(memory_format=memory_format)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "StyleTransferModule":
+        # Device and dtype moves reach the unregistered extractor too.
+        super()._apply(fn, *args, **kwargs)
+        self.extractor._apply(fn, *args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Calibrate the normalisation (if enabled) and compute the loss targets, once."""
+        if self._prepared:
+            return
+        extractor = self.extractor
+        if self.config.normalize:
+            images = [extractor.preprocess(image.to(self.device)) for image in self._calibration]
+            extractor.normalize_(images)
+        self._calibration = []
+
+        content = self._network_input(self.content)
+        style_input = self._network_input(self.style)
+        content_features = extractor(content, self.config.content_layers)
+        style_features = extractor(style_input, self.config.style_layers)
+        for layer in self.config.content_layers:
+            self.register_buffer(f"target_{layer}", content_features[layer], persistent=False)
+        for layer in self.config.style_layers:
+            features = style_features[layer]
+            self.register_buffer(f"gram_{layer}", gram_matrix(features), persistent=False)
+        self._prepared = True
+
+    def _network_input(self, rgb: torch.Tensor) -> torch.Tensor:
+        x = self.extractor.preprocess(rgb)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_fit_start(self) -> None:
+        self.prepare()
+
+    def on_validation_start(self) -> None:
+        self.prepare()
+
+    # ------------------------------------------------------------------ losses
+
+    def compute_losses(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward pass of `image`; returns every loss term keyed by its metric key."""
+        config = self.config
+        features = self.extractor(image)
+        losses: dict[str, torch.Tensor] = {}
+
+        content = sum(
+            content_loss(features[layer], getattr(self, f"target_{layer}"), config.content_loss)
+            for layer in config.content_layers
+        )
+        style = image.new_zeros(())
+        for layer, weight in zip(config.style_layers, config.style_layer_weights):
+            layer_features = features[layer]
+            positions = layer_features.shape[-2] * layer_features.shape[-1]
+            term = style_layer_loss(
+                gram_matrix(layer_features), getattr(self, f"gram_{layer}"), positions, config.style_loss
+            )
+            losses[keys.style_layer_loss(layer)] = term
+            style = style + weight * term
+
+        total = config.content_weight * content + config.style_weight * style
+        if config.tv_weight > 0:
+            tv = total_variation(image)
+            losses[keys.LOSS_TV] = tv
+            total = total + config.tv_weight * tv
+        losses[keys.LOSS_CONTENT] = content
+        losses[keys.LOSS_STYLE] = style
+        losses[keys.LOSS_TOTAL] = total
+        return losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(self.image)
+        total = losses[keys.LOSS_TOTAL]
+        loss_value = float(total.detach())  # one host sync per step; L-BFGS makes its own too
+        if not torch.isfinite(total.detach()):
+            raise NonFiniteLossError(self.global_step, loss_value)
+        self.last_loss = loss_value
+        self.log(keys.LOSS_TOTAL, total, prog_bar=True, batch_size=1)
+        self.log_dict({key: value for key, value in losses.items() if key != keys.LOSS_TOTAL}, batch_size=1)
+        return total
+
+    # ------------------------------------------------------------------ evaluation
+
+    def generated_rgb(self) -> torch.Tensor:
+        """The generated image as RGB in [0, 1], (1, 3, H, W), detached and clamped."""
+        return self.extractor.postprocess(self.image.detach().float()).clamp(0, 1)
+
+    def _on_reference_grid(self, rgb: torch.Tensor) -> torch.Tensor:
+        target_shape = self.reference.shape[-2:]
+        if rgb.shape[-2:] != target_shape:
+            rgb = F.interpolate(rgb, size=tuple(target_shape), mode="bilinear", antialias=True, align_corners=False)
+        # torchmetrics flattens with view(), which needs contiguous memory.
+        return rgb.clamp(0, 1).contiguous()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.reference is None:
+            return
+        generated = self._on_reference_grid(self.generated_rgb())
+        values = self.metrics(generated, self.reference.to(generated.dtype))
+        self.metrics.reset()
+        self.log(keys.METRIC_MAE, values.pop(keys.METRIC_MAE), prog_bar=True, batch_size=1)
+        self.log_dict(values, batch_size=1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the current image against the reference, outside any Trainer loop."""
+        if self.reference is None:
+            return {}
+        generated = self._on_reference_grid(self.generated_rgb())
+        reference = self.reference.to(generated.dtype)
+        values = self.metrics(generated, reference)
+        self.metrics.reset()
+        return {key: float(value) for key, value in values.items()}
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        config = self.config
+        if config.optimizer == "adam":
+            return torch.optim.Adam([self.image], lr=config.lr)
+        # One loss evaluation per step (max_iter=1); the history stays in the optimiser
+        # state across steps, so a run of N steps performs N L-BFGS iterations. The
+        # tolerances are 0 because the step count and the stall check decide when to stop.
+        return torch.optim.LBFGS(
+            [self.image],
+            lr=config.lr,
+            max_iter=1,
+            history_size=config.history_size,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )
+
+    def train_dataloader(self) -> Iterator[int]:
+        # Style transfer has no data set: one dummy batch is one optimisation step, and
+        # the Trainer's max_steps ends the endless stream. (Lightning skips None batches.)
+        return itertools.repeat(0)
+
+    def val_dataloader(self) -> range:
+        # A single dummy batch: evaluation looks at the image, not at data.
+        return range(1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_matches(checkpoint, self)
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], module: StyleTransferModule, source: str = "checkpoint") -> None:
+    """Raise CheckpointError when a checkpoint belongs to another image size or layer set."""
+    saved = checkpoint.get("state_dict", {}).get("image")
+    if saved is None:
+        raise CheckpointError(f"{source} holds no generated image; give a checkpoint written by stylemodule")
+    if tuple(saved.shape) != tuple(module.image.shape):
+        raise CheckpointError(
+            f"{source} holds a {saved.shape[-1]}x{saved.shape[-2]} image but this run generates "
+            f"{module.image.shape[-1]}x{module.image.shape[-2]}; resume with the size settings of "
+            "the checkpoint's run (its config.yaml)"
+        )
+    hparams = checkpoint.get("hyper_parameters", {})
+    for name in ("content_layers", "style_layers", "optimizer", "weights", "pooling"):
+        if name in hparams and list_or_value(hparams[name]) != list_or_value(getattr(module.config, name)):
+            raise CheckpointError(
+                f"{source} was written with {name}={hparams[name]} but this run uses "
+                f"{name}={getattr(module.config, name)}; resume with the checkpoint's config.yaml"
+            )
+
+
+def list_or_value(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

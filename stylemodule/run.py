@@ -1,0 +1,220 @@
+"""One style transfer run: load the inputs, build the module and the Trainer, fit, and
+write the results. The command line and every Ray Tune trial go through `run_transfer`.
+
+An output folder holds:
+    image.png            the generated image (rewritten at every image log)
+    config.yaml          the resolved config; `stylemodule transfer --config` re-runs it
+    metrics.json         final metrics, steps run and the stop reason
+    tensorboard/         TensorBoard event files and hparams
+    checkpoints/         last.ckpt and the latest step checkpoints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from stylemodule.callbacks import AtomicCheckpointIO, ImageLogger, StallMonitor, StepProgressBar
+from stylemodule.config import StyleConfig, save_yaml
+from stylemodule.errors import CheckpointError, ConfigError, ImageError, NonFiniteLossError
+from stylemodule.files import atomic_write_text
+from stylemodule.images import load_image, resize_exact, resize_long_edge, save_png, style_shape
+from stylemodule.module import StyleTransferModule, check_checkpoint_matches
+from stylemodule.vgg import deepest_layer, min_input_side
+
+log = logging.getLogger(__name__)
+
+IMAGE_FILE = "image.png"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """RGB images in [0, 1], (3, H, W): content and style at the generation size."""
+
+    content: torch.Tensor
+    style: torch.Tensor
+    reference: torch.Tensor | None
+    calibration: list[torch.Tensor] | None
+
+
+def load_inputs(config: StyleConfig) -> Inputs:
+    """Load, validate and resize the images a config names (paths must be resolved)."""
+    min_side = min_input_side(config.loss_layers)
+    load = dict(max_pixels=config.max_pixels, min_side=min_side)
+
+    content = load_image(config.content, role="content", **load)
+    if config.exact_shape:
+        content = resize_exact(content, config.exact_shape)
+    else:
+        content = resize_long_edge(content, config.size)
+    height, width = content.shape[-2:]
+    if min(height, width) < min_side:
+        needed = math.ceil(min_side * max(height, width) / min(height, width))
+        raise ConfigError(
+            f"size {config.size} gives a {width}x{height} image, but {deepest_layer(config.loss_layers)} "
+            f"needs at least {min_side} pixels on each side after pooling; use size {needed} or more"
+        )
+
+    style = load_image(config.style, role="style", **load)
+    style = resize_exact(style, style_shape(tuple(style.shape[-2:]), (height, width), config.style_size))
+
+    reference = None
+    if config.reference:
+        reference = load_image(config.reference, role="reference", max_pixels=config.max_pixels)
+
+    calibration = None
+    if config.normalize and config.calibration_dir:
+        folder = Path(config.calibration_dir)
+        if not folder.is_dir():
+            raise ImageError(f"calibration folder not found: {folder}; give a folder of images")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ImageError(
+                f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
+        calibration = [
+            resize_long_edge(load_image(path, role="calibration", **load), config.size) for path in files
+        ]
+    return Inputs(content, style, reference, calibration)
+
+
+def build_module(config: StyleConfig, inputs: Inputs | None = None) -> StyleTransferModule:
+    inputs = inputs or load_inputs(config)
+    return StyleTransferModule(config, inputs.content, inputs.style, inputs.reference, inputs.calibration)
+
+
+def make_trainer(
+    config: StyleConfig,
+    output_dir: str | Path,
+    *,
+    callbacks: Sequence[Callback] = (),
+    progress_bar: bool = True,
+    checkpoints: bool = True,
+) -> pl.Trainer:
+    """A Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps."""
+    output_dir = Path(output_dir)
+    all_callbacks: list[Callback] = [
+        ImageLogger(config.image_every, output_dir / IMAGE_FILE),
+        StallMonitor(config.stall_steps),
+        *callbacks,
+    ]
+    if checkpoints:
+        all_callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / CHECKPOINT_DIR,
+                filename="step={step:06d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=config.checkpoint_every,
+                save_last=True,
+                # "step" is always among ModelCheckpoint's monitor candidates: keep the latest.
+                monitor="step",
+                mode="max",
+                save_top_k=config.keep_checkpoints,
+                save_on_train_epoch_end=False,
+            )
+        )
+    if progress_bar:
+        all_callbacks.append(StepProgressBar())
+
+    return pl.Trainer(
+        default_root_dir=output_dir,
+        max_steps=config.steps,
+        max_epochs=-1,
+        accelerator=config.accelerator,
+        devices=1,
+        precision=config.precision,
+        logger=TensorBoardLogger(output_dir, name="", version=TENSORBOARD_DIR, default_hp_metric=False),
+        callbacks=all_callbacks,
+        val_check_interval=config.eval_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=config.log_every,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True), or raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; give a .ckpt file from a run's checkpoints folder")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or damaged file raises many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def stall_step(trainer: pl.Trainer) -> int | None:
+    for callback in trainer.callbacks:
+        if isinstance(callback, StallMonitor):
+            return callback.stalled_at
+    return None
+
+
+def run_transfer(
+    config: StyleConfig,
+    output_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    progress_bar: bool = True,
+    callbacks: Sequence[Callback] = (),
+    inputs: Inputs | None = None,
+) -> dict[str, Any]:
+    """Fit one style transfer run and write its results; returns the metrics record."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    module = build_module(config, inputs)
+    if resume is not None:
+        check_checkpoint_matches(read_checkpoint(resume), module, source=f"checkpoint {resume}")
+    save_yaml(config, output_dir / CONFIG_FILE)
+
+    trainer = make_trainer(config, output_dir, callbacks=callbacks, progress_bar=progress_bar)
+    try:
+        trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
+    except NonFiniteLossError as error:
+        last = output_dir / CHECKPOINT_DIR / "last.ckpt"
+        error.args = (
+            f"{error}; the last good image is {output_dir / IMAGE_FILE}"
+            + (f" and the last checkpoint {last}" if last.exists() else "")
+            + "; lower the learning rate or the loss weights",
+        )
+        raise
+
+    return finish_run(trainer, module, output_dir)
+
+
+def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Path) -> dict[str, Any]:
+    """Write the final image, metrics.json and TensorBoard hparams with the final metrics."""
+    save_png(module.generated_rgb()[0].cpu(), output_dir / IMAGE_FILE)
+    metrics = module.evaluate()
+    stalled = stall_step(trainer)
+    record = {
+        "steps": trainer.global_step,
+        "stop_reason": f"stalled at step {stalled}" if stalled is not None else "max steps",
+        "final_loss": module.last_loss,
+        **metrics,
+    }
+    atomic_write_text(output_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
+    if trainer.logger is not None:
+        hparam_metrics = {key: value for key, value in metrics.items()}
+        trainer.logger.log_hyperparams(module.hparams, hparam_metrics)
+        trainer.logger.finalize("success")
+    return record
