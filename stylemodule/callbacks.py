@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from stylemodule.files import atomic_path
@@ -38,7 +38,9 @@ class ImageLogger(Callback):
         self.png_path = Path(png_path) if png_path is not None else None
         self._last_logged_step = -1
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # Not on_fit_start: Lightning restores global_step after that hook, so a resumed
+        # run would log its inputs and its restored image at step 0 a second time.
         writer = tensorboard_writer(trainer)
         if writer is None or trainer.global_step > 0:
             return
@@ -86,6 +88,11 @@ class StallMonitor(Callback):
         self.unchanged = 0
         self.previous: float | None = None
         self.stalled_at: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # A resumed run starts afresh: a stall restored from the checkpoint is not this run's
+        # stop reason. The restored counter still stops it at once if the loss stays constant.
+        self.stalled_at = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
         loss = pl_module.last_loss
@@ -152,6 +159,20 @@ class StepProgressBar(TQDMProgressBar):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if self._train_progress_bar is not None and trainer.state.fn == "fit":
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt always holds the step where the run stopped.
+
+    Lightning 2.6 writes last.ckpt only together with a step checkpoint, so a run that ends
+    between two of them (max_steps not a multiple of every_n_train_steps, or a stall) would
+    resume from an earlier step and log those steps to TensorBoard twice.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -192,22 +192,86 @@ def run_data_command(args: argparse.Namespace) -> int:
 
 
 def search_parser(subparsers: Any) -> None:
-    from stylemodule.search import add_search_arguments, run_search_command
-
     parser = subparsers.add_parser(
         "search",
         help="search hyperparameters with Ray Tune and ASHA",
-        description="Run many style transfer trials with Ray Tune and rank them by MAE against the reference.",
+        description=(
+            "Run many style transfer trials with Ray Tune and rank them by MAE against the "
+            "reference. Config options set fixed values for every trial."
+        ),
     )
-    add_search_arguments(parser)
+    parser.add_argument("--space", default="paper", help="search space: paper, tutorial-grid or a YAML file")
+    parser.add_argument("--samples", type=int, default=8, help="trials to sample (per grid point for grids)")
+    parser.add_argument("--output", type=Path, help="experiment folder (default: outputs/search-<space>)")
+    parser.add_argument("--resume", type=Path, metavar="EXPERIMENT", help="restore an interrupted experiment folder")
+    parser.add_argument("--preset", help="base settings (default: gatys2016, tutorial for tutorial-grid)")
+    parser.add_argument("--config", help="YAML config file with the base settings")
+    parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha", help="trial scheduler")
+    parser.add_argument("--searcher", choices=("random", "optuna"), default="random",
+                        help="random/grid sampling, or Optuna's TPE (needs the optuna extra)")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--grace-period", type=int, help="ASHA: steps before a trial can be stopped (default: steps/6)")
+    parser.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/N of the trials at each rung")
+    parser.add_argument("--grid-stride", type=int, default=10, help="tutorial-grid: take every N-th style weight combination")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch threads)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what CPUs and memory allow)")
+    parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
+    parser.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:PORT (default: start a local Ray)")
+    parser.add_argument("--storage", help="where Ray stores the experiment: a folder or a URI Ray supports")
+    parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the local Ray")
+    parser.add_argument("--overwrite", action="store_true", help="replace an experiment already in --output")
     add_data_dir_option(parser)
     add_config_options(parser)
     parser.set_defaults(handler=run_search_command)
 
 
-def report_parser(subparsers: Any) -> None:
-    from stylemodule.report import run_report_command
+def run_search_command(args: argparse.Namespace) -> int:
+    from stylemodule import search
+    from stylemodule.data import resolve_data_dir
+    from stylemodule.report import write_report
 
+    if args.resume is not None:
+        folder = search.resume_search(args.resume)
+    else:
+        space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
+        args.preset = args.preset or space_preset
+        config = config_from_args(args, base_config(args)).with_absolute_paths(resolve_data_dir(args.data_dir))
+        folder = args.output or Path("outputs") / f"search-{Path(args.space).stem}"
+        if (folder / search.SEARCH_FILE).exists():
+            if not args.overwrite:
+                raise InputError(
+                    f"output folder {folder} already holds an experiment; pass --resume {folder} "
+                    "to continue it, --overwrite to replace it, or choose another --output"
+                )
+            shutil.rmtree(folder)
+        settings = search.SearchSettings(
+            space=str(Path(args.space).resolve()) if args.space not in search.SPACES else args.space,
+            samples=args.samples,
+            scheduler=args.scheduler,
+            searcher=args.searcher,
+            sampler_seed=args.sampler_seed,
+            grace_period=args.grace_period or max(1, config.steps // 6),
+            reduction_factor=args.reduction_factor,
+            grid_stride=args.grid_stride,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            max_concurrent=args.max_concurrent,
+            max_failures=args.max_failures,
+            address=args.address,
+            storage=args.storage,
+            dashboard=args.dashboard,
+        )
+        if settings.gpus_per_trial > 0 and config.accelerator == "cpu":
+            raise InputError("--gpus-per-trial is set but --accelerator is cpu; drop one of them")
+        folder = search.run_search(settings, config, folder)
+
+    summary = write_report(folder)
+    print(summary)
+    return 0
+
+
+def report_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "report",
         help="write the results table and contact sheet of a search",
@@ -215,6 +279,13 @@ def report_parser(subparsers: Any) -> None:
     )
     parser.add_argument("experiment", type=Path, help="experiment folder written by `stylemodule search`")
     parser.set_defaults(handler=run_report_command)
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from stylemodule.report import write_report
+
+    print(write_report(args.experiment))
+    return 0
 
 
 # ---------------------------------------------------------------------- main

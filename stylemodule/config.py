@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -156,10 +157,12 @@ class StyleConfig:
             hint = difflib.get_close_matches(str(key), known, n=1)
             suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
             raise ConfigError(
-                f"unknown config key '{key}'{suggestion} Valid keys: {', '.join(known)}"
+                f"unknown config key '{key}'{suggestion}; valid keys: {', '.join(known)}"
             )
+        # Copy the base's lists, so that configs derived from one another share none.
+        lists = {name: list(value) for name, value in vars(base).items() if isinstance(value, list)}
         converted = {key: coerce_value(known[key], value) for key, value in values.items()}
-        config = dataclasses.replace(base, **converted)
+        config = dataclasses.replace(base, **{**lists, **converted})
         config.validate()
         return config
 
@@ -217,7 +220,7 @@ class StyleConfig:
                 "precision 16-mixed needs a gradient scaler, which L-BFGS cannot use; "
                 "use bf16-mixed or 32-true, or optimizer adam"
             )
-        if self.tv_weight < 0:
+        if not self.tv_weight >= 0:
             raise ConfigError(f"invalid tv_weight {self.tv_weight}; it must be 0 or greater")
         if not 0 <= self.init_blend <= 1:
             raise ConfigError(f"invalid init_blend {self.init_blend}; it must lie between 0 and 1")
@@ -365,9 +368,9 @@ PRESETS: dict[str, StyleConfig] = {"gatys2016": GATYS2016, "tutorial": TUTORIAL}
 
 
 def preset(name: str) -> StyleConfig:
-    """Return the named preset, or raise ConfigError listing the preset names."""
+    """Return a copy of the named preset, or raise ConfigError listing the preset names."""
     try:
-        return PRESETS[name]
+        return PRESETS[name].replace()
     except KeyError:
         raise ConfigError(
             f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}"
@@ -375,6 +378,21 @@ def preset(name: str) -> StyleConfig:
 
 
 # ---------------------------------------------------------------------- YAML
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e6` and `8e-4` as floats, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so it would
+    read those as strings.
+    """
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml(path: str | Path, base: StyleConfig | None = None) -> StyleConfig:
@@ -390,7 +408,7 @@ def load_yaml(path: str | Path, base: StyleConfig | None = None) -> StyleConfig:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read config file {path}: {error}") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.load(text, Loader=_YAMLLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML in config file {path}: {error}") from None
     if not isinstance(values, dict):

@@ -15,16 +15,17 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from stylemodule.callbacks import AtomicCheckpointIO, ImageLogger, StallMonitor, StepProgressBar
+from stylemodule.callbacks import AtomicCheckpointIO, ImageLogger, RunCheckpoint, StallMonitor, StepProgressBar
 from stylemodule.config import StyleConfig, save_yaml
 from stylemodule.errors import CheckpointError, ConfigError, ImageError, NonFiniteLossError
 from stylemodule.files import atomic_write_text
@@ -115,7 +116,7 @@ def make_trainer(
     ]
     if checkpoints:
         all_callbacks.append(
-            ModelCheckpoint(
+            RunCheckpoint(
                 dirpath=output_dir / CHECKPOINT_DIR,
                 filename="step={step:06d}",
                 auto_insert_metric_name=False,
@@ -147,6 +148,7 @@ def make_trainer(
         log_every_n_steps=config.log_every,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
+        enable_checkpointing=checkpoints,
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -177,8 +179,13 @@ def run_transfer(
     progress_bar: bool = True,
     callbacks: Sequence[Callback] = (),
     inputs: Inputs | None = None,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
-    """Fit one style transfer run and write its results; returns the metrics record."""
+    """Fit one style transfer run and write its results; returns the metrics record.
+
+    `checkpoints=False` leaves out the checkpoints/ folder, for callers such as Ray Tune
+    trials that save their own.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     module = build_module(config, inputs)
@@ -186,9 +193,15 @@ def run_transfer(
         check_checkpoint_matches(read_checkpoint(resume), module, source=f"checkpoint {resume}")
     save_yaml(config, output_dir / CONFIG_FILE)
 
-    trainer = make_trainer(config, output_dir, callbacks=callbacks, progress_bar=progress_bar)
+    trainer = make_trainer(
+        config, output_dir, callbacks=callbacks, progress_bar=progress_bar, checkpoints=checkpoints
+    )
     try:
-        trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
+        with warnings.catch_warnings():
+            if resume is not None:
+                # A resumed run writes into its own checkpoint folder, which is not empty.
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
     except NonFiniteLossError as error:
         last = output_dir / CHECKPOINT_DIR / "last.ckpt"
         error.args = (
@@ -214,7 +227,8 @@ def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Pat
     }
     atomic_write_text(output_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     if trainer.logger is not None:
-        hparam_metrics = {key: value for key, value in metrics.items()}
-        trainer.logger.log_hyperparams(module.hparams, hparam_metrics)
+        # At the final step: Lightning's default, step 0, would put the final metrics at the
+        # start of their TensorBoard curves.
+        trainer.logger.log_hyperparams(module.hparams, dict(metrics), step=trainer.global_step)
         trainer.logger.finalize("success")
     return record

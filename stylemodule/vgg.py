@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import urllib.error
+import pickle
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -149,7 +149,13 @@ def torchvision_state_dict() -> dict[str, torch.Tensor]:
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         return weights.get_state_dict(progress=False, weights_only=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        if cache.is_file():
+            raise ConfigError(
+                f"cannot load torchvision's VGG19 weights from {cache} ({error}); the file is "
+                f"corrupt or incomplete: delete it so that it downloads again, or copy "
+                f"{weights.url} to that path"
+            ) from None
         raise ConfigError(
             f"torchvision's VGG19 weights are not cached at {cache} and could not be "
             f"downloaded ({error}); copy {weights.url} to that path, or use "
@@ -264,6 +270,12 @@ class VGGFeatures(nn.Module):
                 features[name] = x
                 if len(features) == len(wanted):
                     break
+        if len(features) != len(wanted):
+            missing = sorted(wanted - features.keys(), key=str)
+            raise ConfigError(
+                f"layers {missing} are not computed by this extractor, which ends at "
+                f"{next(reversed(self.net._modules))}; build it with those layers"
+            )
         return features
 
     @torch.no_grad()
@@ -276,16 +288,20 @@ class VGGFeatures(nn.Module):
         the same function up to a positive per-channel scale (ReLU and both poolings
         commute with positive scaling).
         """
-        relus = [name for name in self.net._modules if name.startswith("relu")]
-        sums = {name: 0.0 for name in relus}
+        if not images:
+            raise ValueError("normalize_ needs at least one calibration image")
+        # Every convolution is calibrated on its post-ReLU output, also one that ends the
+        # truncated net without its ReLU, so that its input weights get scaled back too.
+        convs = [name for name in self.net._modules if name.startswith("conv")]
+        sums = {name: 0.0 for name in convs}
         for image in images:
-            features = self(image.reshape(1, *image.shape[-3:]), layers=relus)
-            for name in relus:
-                sums[name] = sums[name] + features[name].mean(dim=(0, 2, 3))
+            features = self(image.reshape(1, *image.shape[-3:]), layers=convs)
+            for name in convs:
+                sums[name] = sums[name] + features[name].clamp(min=0).mean(dim=(0, 2, 3))
 
         previous_scale = None
-        for name in relus:
-            conv = self.net._modules[name.replace("relu", "conv")]
+        for name in convs:
+            conv = self.net._modules[name]
             mean = sums[name] / len(images)
             # A channel that never fires keeps its scale: there is nothing to normalise.
             scale = torch.where(mean > 0, 1 / mean, torch.ones_like(mean))

@@ -1,0 +1,193 @@
+"""Results of a search: results.csv, a contact sheet of every trial, the best image and
+the best config, regenerated at any time from the experiment folder alone."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from stylemodule import keys
+from stylemodule.config import StyleConfig, dump_yaml
+from stylemodule.errors import InputError
+from stylemodule.files import atomic_path, atomic_write_text
+
+RESULTS_FILE = "results.csv"
+CONTACT_SHEET = "contact_sheet.png"
+BEST_IMAGE = "best.png"
+BEST_CONFIG = "best_config.yaml"
+# Settings shown under each thumbnail of the contact sheet, when a trial varies them.
+SHEET_FIELDS = ("content_weight", "pooling", "init", "normalize", "weights", "optimizer", "lr", "seed")
+
+
+@dataclasses.dataclass
+class TrialRow:
+    """One trial of an experiment, as read back from its folder."""
+
+    trial_id: str
+    folder: Path
+    params: dict[str, Any]
+    config: StyleConfig | None
+    final_mae: float
+    best_mae: float
+    steps: int
+    stop_reason: str
+
+    @property
+    def image(self) -> Path | None:
+        path = self.folder / "image.png"
+        return path if path.is_file() else None
+
+
+def _read_results(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: keep what came before it
+    return rows
+
+
+def _stop_reason(folder: Path, results: list[dict[str, Any]], planned_steps: int | None) -> str:
+    last = results[-1] if results else {}
+    if "stop_reason" in last and isinstance(last["stop_reason"], str):
+        return last["stop_reason"]
+    if (folder / "error.txt").is_file():
+        return "error: " + (folder / "error.txt").read_text(encoding="utf-8").strip().splitlines()[-1][:120]
+    if not results:
+        return "not started"
+    step = last.get(keys.TUNE_STEP, 0)
+    if planned_steps is not None and step < planned_steps:
+        return f"stopped early at step {step}"
+    return "max steps" if planned_steps is not None else "unknown"
+
+
+def collect_trials(experiment: Path) -> list[TrialRow]:
+    """Read every trial folder (one holding Tune's params.json) of an experiment."""
+    rows = []
+    for params_file in sorted(experiment.glob("*/params.json")):
+        folder = params_file.parent
+        params = json.loads(params_file.read_text(encoding="utf-8"))
+        config = None
+        if (folder / "config.yaml").is_file():
+            from stylemodule.config import load_yaml
+
+            config = load_yaml(folder / "config.yaml")
+        results = _read_results(folder)
+        maes = [r[keys.TUNE_MAE] for r in results if isinstance(r.get(keys.TUNE_MAE), (int, float))]
+        finite = [m for m in maes if math.isfinite(m)]
+        steps = max((r.get(keys.TUNE_STEP, 0) for r in results), default=0)
+        rows.append(
+            TrialRow(
+                trial_id=(results[-1].get("trial_id") if results else None) or folder.name,
+                folder=folder,
+                params=params,
+                config=config,
+                final_mae=maes[-1] if maes else math.inf,
+                best_mae=min(finite) if finite else math.inf,
+                steps=steps,
+                stop_reason=_stop_reason(folder, results, config.steps if config else None),
+            )
+        )
+    return rows
+
+
+def _flat_params(params: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def write_results_csv(rows: list[TrialRow], path: Path) -> None:
+    param_keys = sorted({key for row in rows for key in _flat_params(row.params)})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["rank", "trial_id", *param_keys, "final_mae", "best_mae", "steps", "stop_reason", "folder"])
+    for rank, row in enumerate(rows, start=1):
+        flat = _flat_params(row.params)
+        writer.writerow(
+            [rank, row.trial_id, *(flat.get(key, "") for key in param_keys),
+             row.final_mae, row.best_mae, row.steps, row.stop_reason, row.folder.name]
+        )
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _caption(row: TrialRow, rank: int) -> list[str]:
+    lines = [f"#{rank} MAE {row.final_mae:.4f}" if math.isfinite(row.final_mae) else f"#{rank} MAE n/a"]
+    if row.config is not None:
+        values = [f"{name}={getattr(row.config, name):.3g}" if isinstance(getattr(row.config, name), float)
+                  else f"{name}={getattr(row.config, name)}" for name in SHEET_FIELDS]
+        lines += [" ".join(values[i:i + 2]) for i in range(0, len(values), 2)]
+    lines.append(row.stop_reason[:40])
+    return lines
+
+
+def write_contact_sheet(rows: list[TrialRow], path: Path, thumb: int = 256, columns: int = 4) -> None:
+    """Tile every trial's image, best first, with its rank, MAE and key settings below.
+
+    Images are scaled to `thumb` pixels wide (up or down) and the same height for all.
+    """
+    font = ImageFont.load_default()
+    caption_height = 13 * 7
+    thumb_height = thumb * 3 // 4
+    cell_width, cell_height = thumb + 16, thumb_height + caption_height + 8
+    rows_count = max(1, math.ceil(len(rows) / columns))
+    sheet = Image.new("RGB", (cell_width * min(columns, max(1, len(rows))), cell_height * rows_count), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, row in enumerate(rows):
+        x, y = (index % columns) * cell_width + 8, (index // columns) * cell_height + 4
+        if row.image is not None:
+            with Image.open(row.image) as image:
+                scale = min(thumb / image.width, thumb_height / image.height)
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                sheet.paste(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), (x, y))
+        else:
+            draw.rectangle([x, y, x + thumb, y + thumb_height], outline="grey")
+            draw.text((x + 8, y + 8), "no image", fill="grey", font=font)
+        for line_number, line in enumerate(_caption(row, index + 1)):
+            draw.text((x, y + thumb_height + 4 + 13 * line_number), line, fill="black", font=font)
+    with atomic_path(path) as temporary:
+        sheet.save(temporary, format="PNG")
+
+
+def write_report(experiment: str | Path) -> str:
+    """Write the report files into the experiment folder; returns a short text summary."""
+    experiment = Path(experiment)
+    if not experiment.is_dir():
+        raise InputError(f"experiment folder not found: {experiment}; give the --output folder of a search")
+    rows = collect_trials(experiment)
+    if not rows:
+        raise InputError(
+            f"{experiment} holds no trials (no */params.json); give the --output folder of a search"
+        )
+    rows.sort(key=lambda row: (row.final_mae, row.best_mae))
+    write_results_csv(rows, experiment / RESULTS_FILE)
+    write_contact_sheet(rows, experiment / CONTACT_SHEET)
+
+    best = rows[0]
+    lines = [f"{len(rows)} trials in {experiment}; best final MAE {best.final_mae:.4f} ({best.trial_id})"]
+    if best.image is not None:
+        with atomic_path(experiment / BEST_IMAGE) as temporary:
+            temporary.write_bytes(best.image.read_bytes())
+    if best.config is not None:
+        atomic_write_text(experiment / BEST_CONFIG, dump_yaml(best.config))
+        lines.append(f"best config: {experiment / BEST_CONFIG} (re-run: stylemodule transfer --config it)")
+    lines.append(f"table: {experiment / RESULTS_FILE}; contact sheet: {experiment / CONTACT_SHEET}")
+    for rank, row in enumerate(rows[:5], start=1):
+        lines.append(f"  #{rank} mae={row.final_mae:.4f} steps={row.steps} {row.stop_reason} {row.folder.name}")
+    return "\n".join(lines)

@@ -1,0 +1,527 @@
+"""Ray Tune search over StyleConfig with ASHA early stopping.
+
+A search space is a mapping from config fields to Ray Tune domains; fields it does not
+name keep the base config's value. Two extra forms are understood by the trainable:
+`style_layer_weights_simplex` (one uniform(0, 1) draw per style layer, mapped to a
+uniform point on the simplex) and any parameter whose value is a mapping, which is
+merged into the config (so a `tune.choice` of mappings couples settings such as the
+optimiser and its learning rate).
+
+Every trial runs `stylemodule.run.run_transfer` in its own trial folder, so
+`tensorboard --logdir EXPERIMENT` compares all trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
+
+from stylemodule import keys
+from stylemodule.config import StyleConfig, load_yaml, preset
+from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.yaml"
+SIMPLEX_KEY = "style_layer_weights_simplex"
+# MAE of a trial whose loss went non-finite: worse than any real MAE (those lie in [0, 1]).
+WORST_MAE = 1.0e9
+TRIAL_CHECKPOINT = "checkpoint.ckpt"
+
+# YAML domain names -> (ray.tune function, number of arguments).
+DOMAINS = {
+    "uniform": ("uniform", 2),
+    "quniform": ("quniform", 3),
+    "loguniform": ("loguniform", 2),
+    "qloguniform": ("qloguniform", 3),
+    "randn": ("randn", 2),
+    "randint": ("randint", 2),
+    "qrandint": ("qrandint", 3),
+    "lograndint": ("lograndint", 2),
+    "choice": ("choice", 1),
+    "grid": ("grid_search", 1),
+}
+
+
+# ---------------------------------------------------------------------- search spaces
+
+
+def tenths_compositions(parts: int = 5) -> list[list[float]]:
+    """Every way to write 1 as `parts` positive multiples of 0.1, in lexicographic order."""
+    combos = []
+    for cuts in itertools.combinations(range(1, 10), parts - 1):
+        bounds = (0, *cuts, 10)
+        combos.append([round((b - a) / 10, 1) for a, b in zip(bounds, bounds[1:])])
+    return combos
+
+
+def paper_space() -> dict[str, Any]:
+    """Around the gatys2016 preset: the factors that tutorials do not expose."""
+    weights = ["caffe"]
+    if torchvision_weights_cached():
+        weights.append("torchvision")
+    return {
+        # alpha/beta with beta = 1: several decades around the paper's 8e-4.
+        "content_weight": tune.loguniform(1e-7, 1e-1),
+        "pooling": tune.choice(["avg", "max"]),
+        "init": tune.choice(["noise", "content"]),
+        "normalize": tune.choice([True, False]),
+        "weights": tune.choice(weights),
+        SIMPLEX_KEY: [tune.uniform(0.0, 1.0) for _ in range(5)],
+        "seed": tune.randint(0, 10_000),
+    }
+
+
+def tutorial_grid_space(stride: int = 10) -> dict[str, Any]:
+    """The tutorial's grid: style-layer weights in tenths (every `stride`-th of the 126
+    compositions), three content weights, and the optimiser with its learning rate."""
+    if stride < 1:
+        raise ConfigError(f"invalid grid stride {stride}; use 1 (all 126 combinations) or more")
+    return {
+        "style_layer_weights": tune.grid_search(tenths_compositions()[::stride]),
+        "content_weight": tune.grid_search([1.0, 1e-2, 1e2]),
+        "optimizer_settings": tune.choice(
+            [
+                {"optimizer": "adam", "lr": 0.003},
+                {"optimizer": "adam", "lr": 0.01},
+                {"optimizer": "lbfgs", "lr": 1.0},
+            ]
+        ),
+        "init": "content",
+    }
+
+
+SPACES = {"paper": ("gatys2016", paper_space), "tutorial-grid": ("tutorial", tutorial_grid_space)}
+
+
+def torchvision_weights_cached() -> bool:
+    import torch
+    from torchvision.models import VGG19_Weights
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG19_Weights.IMAGENET1K_V1.url).name
+    return cache.is_file()
+
+
+def load_space_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML search space: `field: value` fixes a field, `field: {DOMAIN: args}` searches it.
+
+    DOMAIN is one of uniform, quniform, loguniform, qloguniform, randn, randint,
+    qrandint, lograndint (with their numeric arguments as a list), choice or grid
+    (with a list of values).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"search space file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML in search space file {path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space file {path} must hold a mapping of setting: domain")
+
+    space: dict[str, Any] = {}
+    for key, spec in raw.items():
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
+            (name, args), = spec.items()
+            function, count = DOMAINS[name]
+            if count == 1:
+                if not isinstance(args, list) or not args:
+                    raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {args!r}")
+                space[key] = getattr(tune, function)(args)
+                continue
+            if not isinstance(args, list) or len(args) != count or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+            ):
+                raise ConfigError(
+                    f"{path}: {key}: {name} needs a list of {count} numbers, got {args!r}"
+                )
+            try:
+                space[key] = getattr(tune, function)(*args)
+            except (ValueError, TypeError, AssertionError) as error:
+                raise ConfigError(f"{path}: {key}: invalid {name}{args}: {error}") from None
+        elif isinstance(spec, dict) and not isinstance(spec, list) and key != "optimizer_settings":
+            domains = ", ".join(DOMAINS)
+            raise ConfigError(
+                f"{path}: {key}: unknown domain {spec!r}; write a fixed value or one of "
+                f"{{DOMAIN: arguments}} with DOMAIN in: {domains}"
+            )
+        else:
+            space[key] = spec
+    return space
+
+
+def resolve_space(name_or_path: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    """Return (base preset name, space) for a space name or a YAML file path."""
+    if name_or_path in SPACES:
+        preset_name, factory = SPACES[name_or_path]
+        return preset_name, factory(**options) if name_or_path == "tutorial-grid" else factory()
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).exists():
+        return "gatys2016", load_space_file(name_or_path)
+    raise ConfigError(
+        f"unknown search space '{name_or_path}'; choose one of: {', '.join(SPACES)}, or give a YAML file"
+    )
+
+
+# ---------------------------------------------------------------------- trial configs
+
+
+def simplex_point(draws: list[float]) -> list[float]:
+    """Map i.i.d. uniform(0, 1) draws to a uniform point on the simplex (Dirichlet(1, ..., 1)).
+
+    -log(u) is exponentially distributed, and normalised exponentials are Dirichlet(1).
+    """
+    exponentials = [-math.log(max(u, 1e-12)) for u in draws]
+    total = sum(exponentials)
+    return [e / total for e in exponentials]
+
+
+def trial_config(params: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
+    """Build the config of one trial from its sampled parameters."""
+    values: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == SIMPLEX_KEY:
+            values["style_layer_weights"] = simplex_point(list(value))
+        elif isinstance(value, Mapping):
+            values.update(value)
+        else:
+            values[key] = value
+    return StyleConfig.from_dict(values, base=base)
+
+
+def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -> None:
+    """Sample a few configs from the space and validate them before Ray starts."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = random.Random(0)
+    for index, (_, variant) in enumerate(generate_variants(dict(space), random_state=rng.randint(0, 2**31))):
+        try:
+            trial_config(variant, base)
+        except ConfigError as error:
+            raise ConfigError(f"the search space gives an invalid config: {error}") from None
+        if index + 1 >= samples:
+            break
+
+
+# ---------------------------------------------------------------------- trainable
+
+
+class StepReportCallback(TuneReportCheckpointCallback):
+    """Tune's Lightning callback, adding the optimisation step that ASHA counts in."""
+
+    def _get_report_dict(self, trainer: Any, pl_module: Any) -> dict[str, Any] | None:
+        report = super()._get_report_dict(trainer, pl_module)
+        if report:
+            report[keys.TUNE_STEP] = trainer.global_step
+        return report
+
+
+def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) -> None:
+    """Ray Tune function trainable: one style transfer run in the trial's folder."""
+    import torch
+
+    from stylemodule.run import run_transfer
+
+    torch.set_num_threads(threads)
+    # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    config = trial_config(params, StyleConfig.from_dict(base))
+    trial_dir = Path(tune.get_context().get_trial_dir())
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # Tune restarted this trial: continue from its last reported checkpoint.
+        with checkpoint.as_directory() as folder:
+            resume = trial_dir / "resume.ckpt"
+            shutil.copyfile(Path(folder) / TRIAL_CHECKPOINT, resume)
+        log.info("resuming trial from %s", resume)
+
+    report = StepReportCallback(metrics=keys.TUNE_REPORTED, filename=TRIAL_CHECKPOINT, on="validation_end")
+    try:
+        record = run_transfer(
+            config, trial_dir, resume=resume, progress_bar=False, callbacks=[report], checkpoints=False
+        )
+    except NonFiniteLossError as error:
+        # Count the trial as worst, so that ASHA ranks it below every finite run.
+        tune.report(
+            {
+                keys.TUNE_MAE: WORST_MAE,
+                keys.TUNE_STEP: error.step,
+                "stop_reason": f"non-finite loss at step {error.step}",
+            }
+        )
+        return
+    final = {name: record[metric] for name, metric in keys.TUNE_REPORTED.items() if metric in record}
+    final.setdefault(keys.TUNE_MAE, WORST_MAE if config.reference else float("nan"))
+    tune.report({**final, keys.TUNE_STEP: record["steps"], "stop_reason": record["stop_reason"]})
+
+
+# ---------------------------------------------------------------------- resources
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo, or total physical memory where that file is missing."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def trial_memory_estimate(config: StyleConfig) -> int:
+    """Estimated peak host memory of one trial in bytes.
+
+    An estimate, not a measurement: about 1.5 GB for the Python process, torch,
+    Lightning and VGG19's weights, about 5 KB per pixel for VGG19's activations and
+    their gradients up to relu5_1, and the L-BFGS history (two float32 vectors of the
+    image's size per entry). Pixels are bounded by size^2 (the true aspect ratio is
+    known only once the image is read).
+    """
+    if config.exact_shape:
+        pixels = config.exact_shape[0] * config.exact_shape[1]
+    else:
+        pixels = config.size * config.size
+    history = 2 * config.history_size * 3 * 4 if config.optimizer == "lbfgs" else 3 * 3 * 4
+    return int(1.5e9 + pixels * (5_000 + history))
+
+
+def concurrency_limit(config: StyleConfig, requested: int | None, cpus: float, cpus_per_trial: float) -> int:
+    """Trials to run at once: what the CPUs and the memory allow, or the request if it fits."""
+    by_memory = max(1, int(available_memory_bytes() * 0.8 // trial_memory_estimate(config)))
+    by_cpus = max(1, int(cpus // cpus_per_trial))
+    if requested is None:
+        return min(by_memory, by_cpus)
+    if requested < 1:
+        raise InputError(f"invalid --max-concurrent {requested}; it must be 1 or more")
+    if requested > by_memory:
+        gigabytes = trial_memory_estimate(config) / 1e9
+        raise InputError(
+            f"--max-concurrent {requested} needs about {requested * gigabytes:.1f} GB "
+            f"({gigabytes:.1f} GB per trial at size {config.size}), but only "
+            f"{available_memory_bytes() / 1e9:.1f} GB is available; use --max-concurrent "
+            f"{by_memory} or less, or a smaller --size"
+        )
+    return requested
+
+
+# ---------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass
+class SearchSettings:
+    """How a search runs; saved in the experiment folder so that --resume and report reuse it."""
+
+    space: str = "paper"
+    samples: int = 8
+    scheduler: str = "asha"
+    searcher: str = "random"
+    sampler_seed: int = 0
+    grace_period: int = 50
+    reduction_factor: float = 2.0
+    grid_stride: int = 10
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    address: str | None = None
+    storage: str | None = None
+    dashboard: bool = False
+
+
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("random", "optuna")
+
+
+def save_search_file(folder: Path, settings: SearchSettings, base: StyleConfig) -> None:
+    from stylemodule.files import atomic_write_text
+
+    document = {"settings": dataclasses.asdict(settings), "base": base.to_dict()}
+    atomic_write_text(folder / SEARCH_FILE, yaml.safe_dump(document, sort_keys=False))
+
+
+def load_search_file(folder: Path) -> tuple[SearchSettings, StyleConfig]:
+    path = folder / SEARCH_FILE
+    if not path.is_file():
+        raise InputError(
+            f"{folder} is not a stylemodule experiment: {SEARCH_FILE} is missing; "
+            "give the --output folder of an earlier `stylemodule search`"
+        )
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return SearchSettings(**document["settings"]), StyleConfig.from_dict(document["base"])
+
+
+def build_scheduler(settings: SearchSettings, base: StyleConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    if settings.grace_period < 1 or settings.grace_period > base.steps:
+        raise InputError(
+            f"invalid --grace-period {settings.grace_period}; use 1 to --steps ({base.steps})"
+        )
+    if settings.reduction_factor <= 1:
+        raise InputError(f"invalid --reduction-factor {settings.reduction_factor}; it must be above 1")
+    # ASHA compares trials at the same optimisation step, reported with every evaluation.
+    return ASHAScheduler(
+        time_attr=keys.TUNE_STEP,
+        max_t=base.steps,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+def build_searcher(settings: SearchSettings, limit: int) -> Any:
+    """Random or grid sampling (seeded), or Optuna's TPE; both run at most `limit` trials at once."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if settings.searcher == "random":
+        return BasicVariantGenerator(random_state=settings.sampler_seed, max_concurrent=limit)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401 - OptunaSearch needs it at run time
+    except ImportError:
+        raise InputError(
+            "--searcher optuna needs Optuna: pip install 'stylemodule[optuna]', or use --searcher random"
+        ) from None
+    return ConcurrencyLimiter(OptunaSearch(seed=settings.sampler_seed), max_concurrent=limit)
+
+
+def start_ray(settings: SearchSettings) -> None:
+    """Join a cluster (--address) or start a local Ray bound to the loopback address."""
+    if ray.is_initialized():
+        return
+    if settings.address:
+        ray.init(address=settings.address, log_to_driver=True)
+        return
+    # Ray turns 127.0.0.1 into the machine's reachable address unless cluster mode is
+    # off, as it is on macOS and Windows; a local search needs no other host.
+    # NOTE: this sets a private Ray constant, checked against ray 2.60.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(
+        num_gpus=torch_cuda_count(),
+        include_dashboard=settings.dashboard,
+        dashboard_host="127.0.0.1",
+        configure_logging=False,
+    )
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def make_trainable(settings: SearchSettings, base: StyleConfig) -> Any:
+    threads = max(1, int(settings.cpus_per_trial))
+    trainable = tune.with_parameters(train_trial, base=base.to_dict(), threads=threads)
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    return tune.with_resources(trainable, resources)
+
+
+def run_config(settings: SearchSettings, folder: Path, space: Mapping[str, Any]) -> Any:
+    from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig
+
+    reporter = CLIReporter(
+        parameter_columns=[key for key in space if key != SIMPLEX_KEY],
+        metric_columns=[keys.TUNE_MAE, keys.TUNE_STEP],
+        sort_by_metric=True,
+        max_report_frequency=30,
+    )
+    storage = settings.storage or str(folder.parent.resolve())
+    return RunConfig(
+        name=folder.name,
+        storage_path=storage,
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+        failure_config=FailureConfig(max_failures=settings.max_failures),
+        progress_reporter=reporter,
+        verbose=1,
+    )
+
+
+def trial_folder_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Path:
+    """Run a search into `folder` and write its report; returns the folder."""
+    # Tune's classic progress table shows the hyperparameters beside the MAE.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    if settings.scheduler not in SCHEDULERS:
+        raise InputError(f"invalid --scheduler '{settings.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+    if settings.searcher not in SEARCHERS:
+        raise InputError(f"invalid --searcher '{settings.searcher}'; choose one of: {', '.join(SEARCHERS)}")
+    if settings.samples < 1:
+        raise InputError(f"invalid --samples {settings.samples}; it must be 1 or more")
+    _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
+    check_space(space, base)
+    scheduler = build_scheduler(settings, base)
+
+    cpus = os.cpu_count() or 1
+    limit = concurrency_limit(base, settings.max_concurrent, cpus, settings.cpus_per_trial)
+    if settings.address:
+        limit = settings.max_concurrent or 0  # the cluster's resources decide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_search_file(folder, settings, base)
+    start_ray(settings)
+    try:
+        tuner = tune.Tuner(
+            make_trainable(settings, base),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=keys.TUNE_MAE,
+                mode="min",
+                scheduler=scheduler,
+                search_alg=build_searcher(settings, limit),
+                num_samples=settings.samples,
+                trial_dirname_creator=trial_folder_name,
+            ),
+            run_config=run_config(settings, folder, space),
+        )
+        tuner.fit()
+    finally:
+        if not settings.address:
+            ray.shutdown()
+    return folder
+
+
+def resume_search(folder: Path) -> Path:
+    """Restore an interrupted experiment: unfinished trials continue, errored ones are retried."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    settings, base = load_search_file(folder)
+    path = str(folder.resolve()) if not settings.storage else f"{settings.storage.rstrip('/')}/{folder.name}"
+    if not tune.Tuner.can_restore(path):
+        raise InputError(
+            f"cannot restore {path}: it holds no Tune experiment state; start a new search instead"
+        )
+    start_ray(settings)
+    try:
+        tuner = tune.Tuner.restore(
+            path, trainable=make_trainable(settings, base), resume_unfinished=True, resume_errored=True
+        )
+        tuner.fit()
+    finally:
+        if not settings.address:
+            ray.shutdown()
+    return folder
