@@ -36,7 +36,8 @@ class ImageLogger(Callback):
     def __init__(self, every_n_steps: int, png_path: str | Path | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.png_path = Path(png_path) if png_path is not None else None
-        self._last_logged_step = -1
+        # Step of the image last written to TensorBoard and `png_path`; -1 before the first.
+        self.last_logged_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # Not on_fit_start: Lightning restores global_step after that hook, so a resumed
@@ -60,13 +61,13 @@ class ImageLogger(Callback):
 
     def _log_generated(self, trainer: pl.Trainer, pl_module: Any) -> None:
         step = trainer.global_step
-        if step == self._last_logged_step:
+        if step == self.last_logged_step:
             return
         image = pl_module.generated_rgb()[0].cpu()
         if not image.isfinite().all():
             log.warning("generated image at step %d is not finite; not logged", step)
             return
-        self._last_logged_step = step
+        self.last_logged_step = step
         writer = tensorboard_writer(trainer)
         if writer is not None:
             writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
@@ -169,10 +170,19 @@ class RunCheckpoint(ModelCheckpoint):
     resume from an earlier step and log those steps to TensorBoard twice.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Step of the last checkpoint this fit wrote; None before the first.
+        self.saved_step: int | None = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
+        if self.save_last and self.saved_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.saved_step = trainer.global_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning's start-up notes (accelerators, tips) are noise next to the progress bar.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    # pytorch-lightning 2.6 builds a pytree LeafSpec that torch 2.14 deprecates.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         return args.handler(args)
     except InputError as error:

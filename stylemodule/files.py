@@ -18,6 +18,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file as 0600; give it the permissions a plain open() would.
+    os.fchmod(handle, 0o666 & ~_current_umask())
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -27,6 +29,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

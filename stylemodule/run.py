@@ -127,6 +127,9 @@ def make_trainer(
                 mode="max",
                 save_top_k=config.keep_checkpoints,
                 save_on_train_epoch_end=False,
+                # Overwrite last.ckpt on resume: a step checkpoint written before the first
+                # last.ckpt does not know that file, and Lightning would write last-v1.ckpt.
+                enable_version_counter=False,
             )
         )
     if progress_bar:
@@ -145,7 +148,8 @@ def make_trainer(
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        log_every_n_steps=config.log_every,
+        # A run shorter than log_every would otherwise write no losses to TensorBoard.
+        log_every_n_steps=min(config.log_every, config.steps),
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
         enable_checkpointing=checkpoints,
@@ -169,6 +173,24 @@ def stall_step(trainer: pl.Trainer) -> int | None:
         if isinstance(callback, StallMonitor):
             return callback.stalled_at
     return None
+
+
+def describe_saved_state(trainer: pl.Trainer, failed_step: int) -> str:
+    """Name the steps that image.png and last.ckpt hold after a failure at `failed_step`.
+
+    Both are written after an update and before the next loss evaluation, so either may
+    hold the very image whose loss was not finite.
+    """
+    steps = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ImageLogger) and callback.png_path is not None and callback.last_logged_step >= 0:
+            steps.append((callback.png_path, callback.last_logged_step))
+        if isinstance(callback, RunCheckpoint) and callback.saved_step is not None and callback.last_model_path:
+            steps.append((Path(callback.last_model_path), callback.saved_step))
+    text = "".join(f"{path} holds step {step}; " for path, step in steps)
+    if any(step == failed_step for _, step in steps):
+        text += f"the image of step {failed_step} is the one whose loss is not finite; "
+    return text
 
 
 def run_transfer(
@@ -203,12 +225,7 @@ def run_transfer(
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
     except NonFiniteLossError as error:
-        last = output_dir / CHECKPOINT_DIR / "last.ckpt"
-        error.args = (
-            f"{error}; the last good image is {output_dir / IMAGE_FILE}"
-            + (f" and the last checkpoint {last}" if last.exists() else "")
-            + "; lower the learning rate or the loss weights",
-        )
+        error.args = (f"{error}; {describe_saved_state(trainer, error.step)}lower the learning rate or the loss weights",)
         raise
 
     return finish_run(trainer, module, output_dir)

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -202,17 +203,26 @@ def trial_config(params: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
 
 
 def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -> None:
-    """Sample a few configs from the space and validate them before Ray starts."""
+    """Validate a space before Ray starts: every choice and grid value, then a few samples."""
+    from ray.tune.search.sample import Categorical
     from ray.tune.search.variant_generator import generate_variants
 
-    rng = random.Random(0)
-    for index, (_, variant) in enumerate(generate_variants(dict(space), random_state=rng.randint(0, 2**31))):
-        try:
+    try:
+        for key, domain in space.items():
+            if isinstance(domain, Categorical):
+                values = domain.categories
+            elif isinstance(domain, Mapping) and "grid_search" in domain:
+                values = domain["grid_search"]
+            else:
+                continue
+            for value in values:
+                trial_config({key: value}, base)
+        rng = random.Random(0)
+        variants = generate_variants(dict(space), random_state=rng.randint(0, 2**31))
+        for _, variant in itertools.islice(variants, samples):
             trial_config(variant, base)
-        except ConfigError as error:
-            raise ConfigError(f"the search space gives an invalid config: {error}") from None
-        if index + 1 >= samples:
-            break
+    except ConfigError as error:
+        raise ConfigError(f"the search space gives an invalid config: {error}") from None
 
 
 # ---------------------------------------------------------------------- trainable
@@ -237,6 +247,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     config = trial_config(params, StyleConfig.from_dict(base))
     trial_dir = Path(tune.get_context().get_trial_dir())
 

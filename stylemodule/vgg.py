@@ -151,9 +151,10 @@ def torchvision_state_dict() -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as error:
         if cache.is_file():
+            # Only the type: torch.load's message for a foreign file suggests weights_only=False.
             raise ConfigError(
-                f"cannot load torchvision's VGG19 weights from {cache} ({error}); the file is "
-                f"corrupt or incomplete: delete it so that it downloads again, or copy "
+                f"cannot load torchvision's VGG19 weights from {cache} ({type(error).__name__}); "
+                "the file may be corrupt or incomplete, so delete it to download it again, or copy "
                 f"{weights.url} to that path"
             ) from None
         raise ConfigError(
@@ -290,8 +291,9 @@ class VGGFeatures(nn.Module):
         """
         if not images:
             raise ValueError("normalize_ needs at least one calibration image")
-        # Every convolution is calibrated on its post-ReLU output, also one that ends the
-        # truncated net without its ReLU, so that its input weights get scaled back too.
+        # Calibrate every convolution on its post-ReLU output. This includes a convolution
+        # that ends the truncated net without its ReLU, whose input weights must still be
+        # scaled back.
         convs = [name for name in self.net._modules if name.startswith("conv")]
         sums = {name: 0.0 for name in convs}
         for image in images:

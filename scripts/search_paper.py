@@ -1,0 +1,35 @@
+"""Launch the paper search: ASHA over the `paper` space, sized for a 2-core CPU by default.
+
+    python scripts/search_paper.py                # 8 trials at 128 pixels on the CPU
+    python scripts/search_paper.py --smoke        # 2 trials of a few steps at 32 pixels
+    python scripts/search_paper.py --gpu          # 32 trials at 512 pixels, a quarter GPU each
+
+Any further arguments go to `stylemodule search` and override these.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stylemodule.cli import main
+
+CPU = ["--samples", "8", "--size", "128", "--steps", "200", "--eval-every", "20", "--image-every", "50",
+       "--grace-period", "40", "--reduction-factor", "2", "--output", "outputs/search-paper"]
+SMOKE = ["--samples", "2", "--size", "32", "--steps", "6", "--eval-every", "3", "--grace-period", "3",
+         "--output", "outputs/search-paper-smoke", "--overwrite"]
+GPU = ["--samples", "32", "--size", "512", "--steps", "1000", "--eval-every", "50", "--image-every", "200",
+       "--grace-period", "100", "--reduction-factor", "3", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2",
+       "--accelerator", "gpu", "--output", "outputs/search-paper-gpu"]
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    mode = CPU
+    if "--smoke" in argv:
+        mode, argv = SMOKE, [a for a in argv if a != "--smoke"]
+    elif "--gpu" in argv:
+        mode, argv = GPU, [a for a in argv if a != "--gpu"]
+    return ["search", "--space", "paper", *mode, *argv]
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_argv(sys.argv[1:])))

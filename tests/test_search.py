@@ -1,0 +1,240 @@
+"""Ray Tune search: spaces, a real local Ray with ASHA, restore after a kill, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stylemodule import keys, search
+from stylemodule.cli import main
+from stylemodule.config import GATYS2016, load_yaml
+from stylemodule.errors import ConfigError, InputError
+from stylemodule.report import RESULTS_FILE, collect_trials, write_report
+
+# 4 trials of 12 steps at 32 pixels, evaluated every 3 steps: ASHA can stop at 3 and 6.
+TINY_SEARCH = [
+    "--samples", "4", "--size", "32", "--steps", "12", "--eval-every", "3",
+    "--image-every", "3", "--grace-period", "3", "--reduction-factor", "2",
+]
+
+
+def result_rows(trial: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+
+
+def trial_folders(experiment: Path) -> list[Path]:
+    return sorted(path.parent for path in experiment.glob("trial_*/params.json"))
+
+
+# ---------------------------------------------------------------------- spaces, no Ray
+
+
+def test_tenths_compositions_cover_simplex() -> None:
+    combos = search.tenths_compositions()
+    assert len(combos) == 126  # C(9, 4): 10 tenths into 5 positive parts
+    assert all(math.isclose(sum(c), 1.0) for c in combos)
+    assert all(min(c) >= 0.1 for c in combos)
+    assert len({tuple(c) for c in combos}) == 126
+
+
+def test_tutorial_grid_stride_sizes_grid() -> None:
+    space = search.tutorial_grid_space(stride=10)
+    assert len(space["style_layer_weights"]["grid_search"]) == 13
+    assert len(space["content_weight"]["grid_search"]) == 3
+
+
+def test_simplex_point_sums_to_one() -> None:
+    point = search.simplex_point([0.1, 0.5, 0.9, 0.3, 0.7])
+    assert math.isclose(sum(point), 1.0)
+    assert all(value > 0 for value in point)
+    assert point[0] > point[2]  # a small draw gives a large exponential
+
+
+def test_trial_config_merges_mappings() -> None:
+    params = {"optimizer_settings": {"optimizer": "adam", "lr": 0.01}, "pooling": "max"}
+    config = search.trial_config(params, GATYS2016)
+    assert config.optimizer == "adam"
+    assert config.lr == 0.01
+    assert config.pooling == "max"
+
+
+def test_space_file_domains(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "content_weight: {loguniform: [1.0e-6, 1.0e-2]}\n"
+        "pooling: {choice: [avg, max]}\n"
+        "seed: {randint: [0, 10]}\n"
+        "style_layer_weights: {grid: [[0.2, 0.2, 0.2, 0.2, 0.2], [0.6, 0.1, 0.1, 0.1, 0.1]]}\n"
+        "steps: 30\n"
+    )
+    space = search.load_space_file(path)
+    assert space["steps"] == 30
+    assert space["content_weight"].lower == 1e-6
+    assert space["pooling"].categories == ["avg", "max"]
+    assert len(space["style_layer_weights"]["grid_search"]) == 2
+    search.check_space(space, GATYS2016)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("content_weight: {lognormal: [1, 2]}\n", "unknown domain"),
+        ("content_weight: {loguniform: [1]}\n", "needs a list of 2 numbers"),
+        ("content_weight: {loguniform: [-1, 2]}\n", "invalid loguniform"),
+        ("pooling: {choice: []}\n", "non-empty list"),
+        ("pooling: {choice: [avg, median]}\n", "invalid pooling 'median'"),
+        ("colour_weight: {uniform: [0, 1]}\n", "unknown config key 'colour_weight'"),
+        ("- not a mapping\n", "must hold a mapping"),
+    ],
+)
+def test_space_file_rejects_bad_domain(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        search.check_space(search.load_space_file(path), GATYS2016)
+
+
+def test_unknown_space_lists_names() -> None:
+    with pytest.raises(ConfigError, match="unknown search space 'papers'; choose one of: paper, tutorial-grid"):
+        search.resolve_space("papers")
+
+
+def test_concurrency_beyond_memory_rejected() -> None:
+    config = GATYS2016.replace(size=4096)
+    with pytest.raises(InputError, match=r"--max-concurrent 64 needs about .* GB .* use --max-concurrent \d+ or less"):
+        search.concurrency_limit(config, 64, cpus=2, cpus_per_trial=1)
+
+
+def test_concurrency_default_fits_cpus() -> None:
+    config = GATYS2016.replace(size=64)
+    assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=1) == 2
+    assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=2) == 1
+
+
+def test_resume_rejects_folder_without_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["search", "--resume", str(tmp_path)]) == 2
+    assert "search.yaml is missing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- real Ray
+
+
+@pytest.mark.slow
+def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    code = main(["search", "--space", "paper", *TINY_SEARCH, "--output", str(experiment), "--data-dir", str(data_dir)])
+    assert code == 0
+
+    trials = trial_folders(experiment)
+    assert len(trials) == 4
+    last_steps = [result_rows(trial)[-1][keys.TUNE_STEP] for trial in trials]
+    assert min(last_steps) < 12, "ASHA stopped no trial early"
+    assert max(last_steps) == 12
+    for trial in trials:
+        rows = result_rows(trial)
+        assert all(isinstance(row[keys.TUNE_MAE], float) for row in rows)
+        assert (trial / "image.png").is_file()
+        assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+
+    with open(experiment / RESULTS_FILE, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4
+    maes = [float(row["final_mae"]) for row in table]
+    assert maes == sorted(maes)
+    assert any(row["stop_reason"].startswith("stopped early") for row in table)
+    assert (experiment / "contact_sheet.png").is_file()
+    assert (experiment / "best.png").is_file()
+    assert load_yaml(experiment / "best_config.yaml").size == 32
+
+    # The report regenerates from the folder alone.
+    (experiment / RESULTS_FILE).unlink()
+    (experiment / "contact_sheet.png").unlink()
+    summary = write_report(experiment)
+    assert "4 trials" in summary
+    with open(experiment / RESULTS_FILE, newline="") as handle:
+        assert list(csv.DictReader(handle)) == table
+
+
+@pytest.mark.slow
+def test_relative_paths_work_from_any_folder(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "photo.jpg").write_bytes((data_dir / "Tuebingen_Neckarfront_gatys_paper_002.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    experiment = Path("relative-experiment")
+    code = main(
+        ["search", "--space", "paper", "--samples", "1", "--size", "32", "--steps", "3", "--eval-every", "3",
+         "--scheduler", "fifo", "--content", "inputs/photo.jpg", "--output", str(experiment),
+         "--data-dir", str(data_dir)]
+    )
+    assert code == 0
+    (trial,) = trial_folders(tmp_path / experiment)
+    assert result_rows(trial)[-1][keys.TUNE_STEP] == 3
+    saved = search.load_search_file(tmp_path / experiment)[1]
+    assert saved.content == str(inputs / "photo.jpg")
+
+
+@pytest.mark.slow
+def test_nonfinite_trial_counts_as_worst(tmp_path: Path, data_dir: Path) -> None:
+    space = tmp_path / "space.yaml"
+    # Adam with an absurd learning rate overflows the image within a few steps.
+    space.write_text("lr: {choice: [1.0e+30]}\noptimizer: adam\n")
+    experiment = tmp_path / "experiment"
+    code = main(
+        ["search", "--space", str(space), "--samples", "1", "--size", "32", "--steps", "9", "--eval-every", "3",
+         "--scheduler", "fifo", "--output", str(experiment), "--data-dir", str(data_dir)]
+    )
+    assert code == 0
+    (row,) = collect_trials(experiment)
+    assert row.final_mae == search.WORST_MAE
+    assert row.stop_reason.startswith("non-finite loss at step")
+
+
+@pytest.mark.slow
+def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", *TINY_SEARCH,
+               "--scheduler", "fifo", "--steps", "30", "--output", str(experiment), "--data-dir", str(data_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Wait until some trial has reported a checkpoint, then kill the driver and its Ray.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if list(experiment.glob("trial_*/checkpoint_*")) and list(experiment.glob("experiment_state-*.json")):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial checkpoint within 180 s")
+        time.sleep(2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+    steps_before = {
+        trial.name: result_rows(trial)[-1][keys.TUNE_STEP] for trial in trial_folders(experiment)
+        if (trial / "result.json").is_file() and result_rows(trial)
+    }
+    assert any(step < 30 for step in steps_before.values()), "every trial finished before the kill"
+
+    assert main(["search", "--resume", str(experiment)]) == 0
+
+    trials = trial_folders(experiment)
+    assert len(trials) == 4
+    for trial in trials:
+        steps = [row[keys.TUNE_STEP] for row in result_rows(trial)]
+        assert steps[-1] == 30
+        if trial.name in steps_before:
+            # Continued from its checkpoint: no second run from step 3.
+            assert steps.count(3) == 1, f"{trial.name} restarted from scratch: {steps}"
+    with open(experiment / RESULTS_FILE, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
