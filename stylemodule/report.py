@@ -59,18 +59,36 @@ def _read_results(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _failures(folder: Path) -> tuple[int, str]:
+    """(number of failures Tune recorded for a trial, the last failure's first line)."""
+    path = folder / "error.txt"
+    if not path.is_file():
+        return 0, ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    blocks = text.split("Failure # ")[1:]
+    last = blocks[-1].splitlines()[1:2] if blocks else []
+    return max(1, len(blocks)), (last[0].strip()[:100] if last else "")
+
+
 def _stop_reason(folder: Path, results: list[dict[str, Any]], planned_steps: int | None) -> str:
     last = results[-1] if results else {}
-    if "stop_reason" in last and isinstance(last["stop_reason"], str):
-        return last["stop_reason"]
-    if (folder / "error.txt").is_file():
-        return "error: " + (folder / "error.txt").read_text(encoding="utf-8").strip().splitlines()[-1][:120]
-    if not results:
-        return "not started"
     step = last.get(keys.TUNE_STEP, 0)
-    if planned_steps is not None and step < planned_steps:
-        return f"stopped early at step {step}"
-    return "max steps" if planned_steps is not None else "unknown"
+    failures, detail = _failures(folder)
+    if isinstance(last.get("stop_reason"), str):
+        reason = last["stop_reason"]
+    elif planned_steps is not None and step >= planned_steps:
+        reason = "max steps"
+    elif failures:
+        return f"error after {failures} failures: {detail}"
+    elif not results:
+        return "not started"
+    elif planned_steps is not None:
+        reason = f"stopped early at step {step}"
+    else:
+        reason = "unknown"
+    if failures:
+        reason += f" (retried after {failures} failure{'s' if failures > 1 else ''})"
+    return reason
 
 
 def collect_trials(experiment: Path) -> list[TrialRow]:

@@ -219,7 +219,9 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+    # Stop the Ray processes the killed driver started (its session lives on otherwise).
+    ray_cli = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, check=False)
     steps_before = {
         trial.name: result_rows(trial)[-1][keys.TUNE_STEP] for trial in trial_folders(experiment)
         if (trial / "result.json").is_file() and result_rows(trial)
