@@ -4,12 +4,14 @@ crash-safe checkpoint files."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from stylemodule.files import atomic_path
@@ -36,7 +38,7 @@ class ImageLogger(Callback):
     def __init__(self, every_n_steps: int, png_path: str | Path | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.png_path = Path(png_path) if png_path is not None else None
-        # Step of the image last written to TensorBoard and `png_path`; -1 before the first.
+        # Step of the image last written to TensorBoard and `png_path`, or -1 before the first.
         self.last_logged_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -124,6 +126,20 @@ class StallMonitor(Callback):
 class StepProgressBar(TQDMProgressBar):
     """One bar over all optimisation steps (not epochs), with the loss and the latest MAE."""
 
+    def init_train_tqdm(self) -> Tqdm:
+        # Lightning 2.6 writes its bars to stdout. stderr, tqdm's default, keeps stdout for
+        # the command's result line.
+        return Tqdm(
+            desc="steps",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
     @property
     def total_train_batches(self) -> int:
         return self.trainer.max_steps
@@ -163,7 +179,7 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose last.ckpt always holds the step where the run stopped.
+    """ModelCheckpoint whose last.ckpt always contains the step where the run stopped.
 
     Lightning 2.6 writes last.ckpt only together with a step checkpoint, so a run that ends
     between two of them (max_steps not a multiple of every_n_train_steps, or a stall) would
@@ -172,7 +188,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Step of the last checkpoint this fit wrote; None before the first.
+        # Step of the last checkpoint this fit wrote, or None before the first.
         self.saved_step: int | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:

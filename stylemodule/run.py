@@ -127,8 +127,8 @@ def make_trainer(
                 mode="max",
                 save_top_k=config.keep_checkpoints,
                 save_on_train_epoch_end=False,
-                # Overwrite last.ckpt on resume: a step checkpoint written before the first
-                # last.ckpt does not know that file, and Lightning would write last-v1.ckpt.
+                # Overwrite last.ckpt on resume. A step checkpoint written before the first
+                # last.ckpt does not record that file, so Lightning would write last-v1.ckpt.
                 enable_version_counter=False,
             )
         )
@@ -176,10 +176,10 @@ def stall_step(trainer: pl.Trainer) -> int | None:
 
 
 def describe_saved_state(trainer: pl.Trainer, failed_step: int) -> str:
-    """Name the steps that image.png and last.ckpt hold after a failure at `failed_step`.
+    """Return a message part naming the steps of image.png and last.ckpt after a failure.
 
     Both are written after an update and before the next loss evaluation, so either may
-    hold the very image whose loss was not finite.
+    contain the very image whose loss was not finite at `failed_step`.
     """
     steps = []
     for callback in trainer.callbacks:
@@ -187,7 +187,7 @@ def describe_saved_state(trainer: pl.Trainer, failed_step: int) -> str:
             steps.append((callback.png_path, callback.last_logged_step))
         if isinstance(callback, RunCheckpoint) and callback.saved_step is not None and callback.last_model_path:
             steps.append((Path(callback.last_model_path), callback.saved_step))
-    text = "".join(f"{path} holds step {step}; " for path, step in steps)
+    text = "".join(f"{path} is from step {step}; " for path, step in steps)
     if any(step == failed_step for _, step in steps):
         text += f"the image of step {failed_step} is the one whose loss is not finite; "
     return text
@@ -225,7 +225,8 @@ def run_transfer(
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
     except NonFiniteLossError as error:
-        error.args = (f"{error}; {describe_saved_state(trainer, error.step)}lower the learning rate or the loss weights",)
+        saved = describe_saved_state(trainer, error.step)
+        error.args = (f"{error}; {saved}lower the learning rate or the loss weights",)
         raise
 
     return finish_run(trainer, module, output_dir)
@@ -244,8 +245,8 @@ def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Pat
     }
     atomic_write_text(output_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     if trainer.logger is not None:
-        # At the final step: Lightning's default, step 0, would put the final metrics at the
-        # start of their TensorBoard curves.
+        # Logged at the final step, because Lightning's default, step 0, would put the final
+        # metrics at the start of their TensorBoard curves.
         trainer.logger.log_hyperparams(module.hparams, dict(metrics), step=trainer.global_step)
         trainer.logger.finalize("success")
     return record

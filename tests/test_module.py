@@ -24,12 +24,13 @@ from stylemodule.run import build_module, load_inputs, make_trainer, run_transfe
 
 # The content photo is 4:3, so size 32 gives a 32x24 image and size 48 a 48x36 one.
 HEIGHT, WIDTH = 24, 32
-RESUME_STEPS = 4  # run B stops here and resumes; run A runs 2 * RESUME_STEPS without a break
+# Run B stops after this many steps and resumes. Run A runs twice as many without a break.
+RESUME_STEPS = 4
 OPTIMIZERS = ("lbfgs", "adam")
 
 
 def small_config(data_dir: Path, **changes: Any) -> StyleConfig:
-    """gatys2016 at 32 pixels with every step logged, as the tiny_config fixture, for module fixtures."""
+    """Return gatys2016 at 32 pixels with every step logged, like tiny_config but usable in module fixtures."""
     settings = dict(
         size=32, steps=6, eval_every=3, image_every=3, checkpoint_every=3, log_every=1, keep_checkpoints=-1
     )
@@ -62,7 +63,7 @@ def png_pixels(path: Path) -> np.ndarray:
 
 
 def event_accumulator(run_dir: Path) -> EventAccumulator:
-    """Every event of the run's TensorBoard folder (size_guidance 0 turns sampling off)."""
+    """Load every event of the run's TensorBoard folder (size_guidance 0 turns sampling off)."""
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
     return accumulator
@@ -77,7 +78,7 @@ def image_steps(accumulator: EventAccumulator, tag: str) -> list[int]:
 
 
 class ForwardCounter:
-    """Wrap `module.extractor.forward` and record the `layers` argument of every call."""
+    """Recorder of the `layers` argument of every call to `module.extractor.forward`."""
 
     def __init__(self, module: StyleTransferModule) -> None:
         self.calls: list[Any] = []
@@ -183,7 +184,7 @@ def test_blend_init_between_noise_and_content(data_dir: Path) -> None:
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_one_forward_per_step(data_dir: Path, tmp_path: Path, optimizer: str) -> None:
     steps = 5
-    # eval_every > steps: no evaluation in between (it does not run VGG19 anyway).
+    # With eval_every > steps no evaluation runs in between, although it would not run VGG19 either.
     config = small_config(data_dir, optimizer=optimizer, steps=steps, eval_every=steps + 1)
     module = build_module(config)
     counter = ForwardCounter(module)
@@ -279,7 +280,7 @@ def test_mae_resizes_with_antialiasing(data_dir: Path) -> None:
     mae = module.evaluate()[keys.METRIC_MAE]
 
     assert mae == pytest.approx(expected, rel=1e-6)
-    # The two resizes give different values here, so the check above tells them apart.
+    # The two resizes give different values here, so the check above distinguishes them.
     assert mae != pytest.approx(without_antialias, rel=1e-4)
 
 
@@ -338,6 +339,12 @@ def test_resume_tensorboard_continuous(
     full_losses = [event.value for event in full_events.Scalars(keys.LOSS_TOTAL)]
     resumed_losses = [event.value for event in resumed_events.Scalars(keys.LOSS_TOTAL)]
     np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-5)
+    # The final metrics go to TensorBoard at the final step, after the evaluations, not
+    # back at step 0.
+    for events in (full_events, resumed_events):
+        mae_steps = scalar_steps(events, keys.METRIC_MAE)
+        assert mae_steps == sorted(set(mae_steps))
+        assert mae_steps[-1] == 2 * RESUME_STEPS
     # The resumed run logs neither its inputs nor its restored image a second time.
     assert image_steps(resumed_events, "input/content") == [0]
     assert image_steps(resumed_events, "image/generated") == image_steps(full_events, "image/generated")
@@ -346,7 +353,7 @@ def test_resume_tensorboard_continuous(
 
 @pytest.mark.slow
 def test_resume_after_run_between_checkpoints(data_dir: Path, tmp_path: Path, full_runs: dict[str, Path]) -> None:
-    # 5 steps with a checkpoint every 4: last.ckpt must still hold step 5.
+    # 5 steps with a checkpoint every 4, and last.ckpt must still contain step 5.
     stop = RESUME_STEPS + 1
     run_transfer(resume_config(data_dir, "lbfgs", stop), tmp_path, progress_bar=False)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -429,13 +436,13 @@ def test_nan_loss_keeps_last_good_state(
     message = str(raised.value)
     assert raised.value.step == failing_step
     assert f"at step {failing_step}" in message
-    assert "image.png holds step 2" in message
-    assert "last.ckpt holds step 2" in message
+    assert "image.png is from step 2" in message
+    assert "last.ckpt is from step 2" in message
     assert "whose loss is not finite" not in message
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2
     assert torch.isfinite(checkpoint["state_dict"]["image"]).all()
-    # image.png shows the checkpoint's image: nothing of the failed step was written.
+    # image.png shows the checkpoint's image, so nothing of the failed step was written.
     postprocess = build_module(config).extractor.postprocess
     expected_pixels = to_uint8(postprocess(checkpoint["state_dict"]["image"])[0]).permute(1, 2, 0).numpy()
     assert np.array_equal(png_pixels(tmp_path / "image.png"), expected_pixels)
@@ -453,12 +460,12 @@ def test_diverging_adam_names_failed_state(tiny_config: StyleConfig, tmp_path: P
     message = str(raised.value)
     assert raised.value.step == 1
     assert "at step 1" in message
-    assert "last.ckpt holds step 1" in message
+    assert "last.ckpt is from step 1" in message
     assert "the image of step 1 is the one whose loss is not finite" in message
 
 
 def constant_losses(self: StyleTransferModule, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A loss that depends on the image but never changes: its gradient is zero."""
+    """Return a loss that depends on the image but never changes, so its gradient is zero."""
     total = (image * 0).sum() + 5.0
     return {keys.LOSS_TOTAL: total, keys.LOSS_CONTENT: total, keys.LOSS_STYLE: total}
 
@@ -466,12 +473,13 @@ def constant_losses(self: StyleTransferModule, image: torch.Tensor) -> dict[str,
 @pytest.mark.slow
 def test_stall_stops_run(tiny_config: StyleConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StyleTransferModule, "compute_losses", constant_losses)
-    config = tiny_config.replace(steps=20, stall_steps=2)
+    # With a checkpoint every 2 steps, only the end of training writes last.ckpt at the stall step 3.
+    config = tiny_config.replace(steps=20, stall_steps=2, checkpoint_every=2)
 
     record = run_transfer(config, tmp_path, progress_bar=False)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    # The losses of the second and third step repeat the first one's: 2 unchanged steps.
+    # The second and third losses equal the first, which makes 2 unchanged steps.
     assert record["steps"] == 3
     assert metrics["steps"] == 3
     assert metrics["stop_reason"] == "stalled at step 3"
