@@ -168,7 +168,8 @@ def data_parser(subparsers: Any) -> None:
     )
     parser.add_argument("action", choices=("fetch", "verify"))
     parser.add_argument("--force", action="store_true", help="fetch: download even files that verify")
-    parser.add_argument("--timeout", type=float, default=30.0, help="fetch: seconds per download")
+    parser.add_argument("--timeout", type=float, default=30.0, help="fetch: timeout in seconds for connecting and for each read")
+    parser.add_argument("--manifest", type=Path, help="manifest file (default: the project's data/manifest.tsv)")
     add_data_dir_option(parser)
     parser.set_defaults(handler=run_data_command)
 
@@ -177,15 +178,15 @@ def run_data_command(args: argparse.Namespace) -> int:
     from stylemodule import data
 
     data_dir = data.resolve_data_dir(args.data_dir)
-    entries = data.read_manifest()
+    entries = data.read_manifest(args.manifest) if args.manifest else data.read_manifest()
     if args.action == "fetch":
         statuses = data.fetch(data_dir, entries, timeout=args.timeout, force=args.force, progress=print)
     else:
         statuses = data.verify(data_dir, entries)
     for status in statuses:
         print(f"{status.state:>16}  {status.path}")
-    if args.action == "verify":
-        data.check(data_dir, entries)
+    if not all(status.ok for status in statuses):
+        data.check(data_dir, entries)  # raises DataError listing each bad file and the fix
     return 0
 
 
@@ -247,7 +248,8 @@ def run_search_command(args: argparse.Namespace) -> int:
                 )
             shutil.rmtree(folder)
         settings = search.SearchSettings(
-            space=str(Path(args.space).resolve()) if args.space not in search.SPACES else args.space,
+            # A space file becomes absolute, so that --resume works from any folder.
+            space=str(Path(args.space).resolve()) if Path(args.space).is_file() else args.space,
             samples=args.samples,
             scheduler=args.scheduler,
             searcher=args.searcher,

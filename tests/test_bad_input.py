@@ -1,0 +1,83 @@
+"""Bad input through the command line: one clear message and exit code 2, before any
+work starts (no Ray, no output files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stylemodule.cli import EXIT_BAD_INPUT, main
+
+
+def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == EXIT_BAD_INPUT
+    return capsys.readouterr().err
+
+
+def test_unknown_search_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = run_error(["search", "--space", "papers", "--output", str(tmp_path / "x")], capsys)
+    assert "unknown search space 'papers'" in error
+    assert "paper, tutorial-grid" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_invalid_tune_domain_in_space_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("content_weight: {logarithmic: [1.0e-6, 1.0e-2]}\n")
+    error = run_error(["search", "--space", str(space), "--output", str(tmp_path / "x")], capsys)
+    assert "content_weight: unknown domain" in error
+    assert "loguniform" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_many_concurrent_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = run_error(
+        ["search", "--size", "4096", "--max-concurrent", "500", "--output", str(tmp_path / "x")], capsys
+    )
+    assert "--max-concurrent 500 needs about" in error
+    assert "or a smaller --size" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_type_in_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: many\n")
+    error = run_error(["transfer", "--config", str(config), "--output", str(tmp_path / "run")], capsys)
+    assert "invalid value 'many' for steps: expected an integer" in error
+    assert str(config) in error
+
+
+def test_existing_experiment_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    (folder / "search.yaml").write_text("settings: {}\n")
+    error = run_error(["search", "--output", str(folder)], capsys)
+    assert "already holds an experiment" in error
+    assert f"--resume {folder}" in error
+
+
+def test_data_file_with_wrong_sha256(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = b"not the photo"
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text(
+        "name\turl\tsha256\tsize\n"
+        f"photo.jpg\thttp://127.0.0.1:9/photo.jpg\t{'0' * 64}\t{len(payload)}\n"
+    )
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "photo.jpg").write_bytes(payload)
+    error = run_error(["data", "verify", "--manifest", str(manifest), "--data-dir", str(data_dir)], capsys)
+    assert "photo.jpg" in error
+    assert "sha256 mismatch" in error.lower() or "sha-256" in error.lower()
+
+
+def test_manifest_name_outside_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text(
+        "name\turl\tsha256\tsize\n"
+        f"../escape.jpg\thttp://127.0.0.1:9/escape.jpg\t{'0' * 64}\t10\n"
+    )
+    error = run_error(["data", "fetch", "--manifest", str(manifest), "--data-dir", str(tmp_path / "d")], capsys)
+    assert "'../escape.jpg' would write outside the data folder" in error
+    assert not (tmp_path / "escape.jpg").exists()
