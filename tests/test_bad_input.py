@@ -81,3 +81,36 @@ def test_manifest_name_outside_data_folder(tmp_path: Path, capsys: pytest.Captur
     error = run_error(["data", "fetch", "--manifest", str(manifest), "--data-dir", str(tmp_path / "d")], capsys)
     assert "'../escape.jpg' would write outside the data folder" in error
     assert not (tmp_path / "escape.jpg").exists()
+
+
+class Payload:
+    """A pickled object that a weights_only load must refuse to build."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_checkpoint_with_code_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    checkpoint = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, checkpoint)
+    error = run_error(["transfer", "--resume", str(checkpoint), "--output", str(tmp_path / "run")], capsys)
+    assert f"cannot read checkpoint {checkpoint}" in error
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
+def test_local_ray_binds_loopback_without_dashboard(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import ray_constants
+
+    from stylemodule import search
+
+    calls = []
+    monkeypatch.setattr(search.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(search.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    search.start_ray(search.SearchSettings())
+    (kwargs,) = calls
+    assert kwargs["include_dashboard"] is False
+    assert "address" not in kwargs
+    assert ray_constants.ENABLE_RAY_CLUSTER is False  # node address resolves to 127.0.0.1

@@ -142,6 +142,7 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
     for trial in trials:
         rows = result_rows(trial)
         assert all(isinstance(row[keys.TUNE_MAE], float) for row in rows)
+        assert {row["node_ip"] for row in rows} == {"127.0.0.1"}
         assert (trial / "image.png").is_file()
         assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
 
