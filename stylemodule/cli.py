@@ -18,7 +18,7 @@ from typing import Any
 
 from stylemodule import config as config_module
 from stylemodule.config import PRESETS, StyleConfig, field_type, load_yaml, preset
-from stylemodule.errors import ConfigError, InputError, StyleModuleError
+from stylemodule.errors import InputError, StyleModuleError
 
 log = logging.getLogger("stylemodule")
 

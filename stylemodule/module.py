@@ -18,7 +18,7 @@ from stylemodule import keys
 from stylemodule.config import StyleConfig
 from stylemodule.errors import CheckpointError, NonFiniteLossError
 from stylemodule.losses import content_loss, gram_matrix, style_layer_loss, total_variation
-from stylemodule.vgg import VGGFeatures, build_extractor
+from stylemodule.vgg import build_extractor
 
 
 class StyleTransferModule(pl.LightningModule):
@@ -246,6 +246,20 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: StyleTransferMo
                 f"{source} was written with {name}={hparams[name]} but this run uses "
                 f"{name}={getattr(module.config, name)}; resume with the checkpoint's config.yaml"
             )
+    # The image is stored in the network's input space, so that space must not change.
+    saved_space = resolved_preprocessing(hparams.get("preprocessing", "auto"), hparams.get("weights", "caffe"))
+    if saved_space != module.extractor.preprocessing.name:
+        raise CheckpointError(
+            f"{source} stores its image in {saved_space} input space but this run uses "
+            f"{module.extractor.preprocessing.name}; resume with the checkpoint's config.yaml"
+        )
+
+
+def resolved_preprocessing(preprocessing: str, weights: str) -> str:
+    """The preprocessing that `auto` stands for: caffe for the caffe weights, else torchvision."""
+    if preprocessing != "auto":
+        return preprocessing
+    return "caffe" if weights == "caffe" else "torchvision"
 
 
 def list_or_value(value: Any) -> Any:

@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
 from stylemodule import keys
-from stylemodule.config import StyleConfig, load_yaml, preset
+from stylemodule.config import StyleConfig
 from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
 
 log = logging.getLogger(__name__)

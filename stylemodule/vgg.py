@@ -285,9 +285,9 @@ class VGGFeatures(nn.Module):
 
         `images` are network inputs, (3, H, W) or (1, 3, H, W), of any sizes. Every image
         counts equally: a channel's mean is the average over images of its spatial mean.
-        The next convolution's input weights are multiplied back, so the network computes
-        the same function up to a positive per-channel scale (ReLU and both poolings
-        commute with positive scaling).
+        The next convolution's input weights are divided by the same factors, so the
+        network computes the same function up to a positive per-channel scale (ReLU and
+        both poolings commute with positive scaling).
         """
         if not images:
             raise ValueError("normalize_ needs at least one calibration image")

@@ -411,6 +411,18 @@ def test_resume_rejects_other_layers(data_dir: Path, tmp_path: Path, full_runs: 
     assert not (output / "config.yaml").exists()
 
 
+@pytest.mark.slow
+def test_resume_rejects_other_input_space(data_dir: Path, tmp_path: Path, full_runs: dict[str, Path]) -> None:
+    checkpoint = full_runs["lbfgs"] / "checkpoints" / "last.ckpt"
+    output = tmp_path / "other-space"
+    config = resume_config(data_dir, "lbfgs", 2 * RESUME_STEPS).replace(preprocessing="torchvision")
+
+    with pytest.raises(CheckpointError, match="caffe input space but this run uses torchvision"):
+        run_transfer(config, output, resume=checkpoint, progress_bar=False)
+
+    assert not (output / "config.yaml").exists()
+
+
 # ---------------------------------------------------------------------- failures and stalls
 
 

@@ -1,0 +1,105 @@
+"""Run the presets and one-factor variants of gatys2016, and tabulate their MAE.
+
+    python scripts/reproduce.py --size 128 --steps 300 --output outputs/reproduce
+    python scripts/reproduce.py --smoke            # every variant, 32 pixels, 3 steps
+
+Each variant changes one setting of gatys2016 (or runs the tutorial preset). Noise
+starts are repeated over --seeds so that differences can be read against the
+seed-to-seed spread. Results go to OUTPUT/<variant>/seed<N>/ (a normal run folder) and
+OUTPUT/summary.json; the table is printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from stylemodule.config import GATYS2016, TUTORIAL, StyleConfig
+from stylemodule.data import resolve_data_dir
+from stylemodule.files import atomic_write_text
+from stylemodule.run import run_transfer
+
+# name -> (description, config). The tutorial runs on the caffe weights because
+# torchvision's weights cannot be downloaded everywhere.
+VARIANTS: dict[str, tuple[str, StyleConfig]] = {
+    "gatys2016": ("the paper's settings", GATYS2016),
+    "tutorial": ("tutorial preset, caffe weights", TUTORIAL.replace(weights="caffe")),
+    "max-pooling": ("gatys2016 with max pooling", GATYS2016.replace(pooling="max")),
+    "no-normalisation": ("gatys2016 without the Gatys normalisation", GATYS2016.replace(normalize=False)),
+    "content-init": ("gatys2016 starting from the content photo", GATYS2016.replace(init="content")),
+    "adam": ("gatys2016 with Adam, lr 1 (input space 0..255)", GATYS2016.replace(optimizer="adam", lr=1.0)),
+    "alpha-beta-8e-3": ("gatys2016 with alpha/beta 8e-3 (more content)", GATYS2016.replace(content_weight=8e-3)),
+    "alpha-beta-8e-5": ("gatys2016 with alpha/beta 8e-5 (more style)", GATYS2016.replace(content_weight=8e-5)),
+    "alpha-beta-8e-6": ("gatys2016 with alpha/beta 8e-6", GATYS2016.replace(content_weight=8e-6)),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="long edge in pixels")
+    parser.add_argument("--steps", type=int, default=300, help="optimisation steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of noise starts")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--output", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument("--data-dir", help="folder of the reference images")
+    parser.add_argument("--smoke", action="store_true", help="32 pixels, 3 steps, one seed")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.steps, args.seeds = 32, 3, [0]
+    return args
+
+
+def run_variant(name: str, config: StyleConfig, args: argparse.Namespace) -> dict:
+    # A start from the content photo has no randomness: one seed is enough.
+    seeds = args.seeds if config.init != "content" else args.seeds[:1]
+    runs = []
+    for seed in seeds:
+        run_config = config.replace(
+            size=args.size, steps=args.steps, seed=seed, eval_every=max(1, args.steps // 6),
+            image_every=args.steps, checkpoint_every=args.steps, keep_checkpoints=1,
+        ).with_absolute_paths(resolve_data_dir(args.data_dir))
+        started = time.perf_counter()
+        record = run_transfer(run_config, args.output / name / f"seed{seed}", progress_bar=False)
+        runs.append({"seed": seed, "seconds": round(time.perf_counter() - started, 1), **record})
+    maes = [run["metric/mae"] for run in runs]
+    return {
+        "variant": name,
+        "description": VARIANTS[name][0],
+        "mae_mean": statistics.fmean(maes),
+        "mae_stdev": statistics.stdev(maes) if len(maes) > 1 else 0.0,
+        "runs": runs,
+    }
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| variant | what changes | MAE mean | MAE std (seeds) | runs | seconds per run |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for result in sorted(results, key=lambda r: r["mae_mean"]):
+        seconds = statistics.fmean(run["seconds"] for run in result["runs"])
+        lines.append(
+            f"| {result['variant']} | {result['description']} | {result['mae_mean']:.4f} | "
+            f"{result['mae_stdev']:.4f} | {len(result['runs'])} | {seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    results = []
+    for name in args.variants:
+        results.append(run_variant(name, VARIANTS[name][1], args))
+        print(f"{name}: MAE {results[-1]['mae_mean']:.4f} ± {results[-1]['mae_stdev']:.4f}", flush=True)
+    summary = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "results": results}
+    atomic_write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
