@@ -1,6 +1,6 @@
 """Launch the paper search: ASHA over the `paper` space, sized for a 2-core CPU by default.
 
-    python scripts/search_paper.py                # 8 trials at 128 pixels on the CPU
+    python scripts/search_paper.py                # 16 trials at 128 pixels on the CPU
     python scripts/search_paper.py --smoke        # 2 trials of a few steps at 32 pixels
     python scripts/search_paper.py --gpu          # 32 trials at 512 pixels, a quarter GPU each
 
@@ -13,8 +13,9 @@ import sys
 
 from stylemodule.cli import main
 
-CPU = ["--samples", "8", "--size", "128", "--steps", "200", "--eval-every", "20", "--image-every", "50",
-       "--grace-period", "40", "--reduction-factor", "2", "--output", "outputs/search-paper"]
+CPU = ["--samples", "16", "--size", "128", "--steps", "400", "--eval-every", "25", "--image-every", "100",
+       "--checkpoint-every", "100", "--grace-period", "50", "--reduction-factor", "2",
+       "--output", "outputs/search-paper"]
 SMOKE = ["--samples", "2", "--size", "32", "--steps", "6", "--eval-every", "3", "--grace-period", "3",
          "--output", "outputs/search-paper-smoke", "--overwrite"]
 GPU = ["--samples", "32", "--size", "512", "--steps", "1000", "--eval-every", "50", "--image-every", "200",

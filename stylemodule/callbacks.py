@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
-    """The SummaryWriter of the trainer's TensorBoard logger, or None without one."""
+    """Return the SummaryWriter of the trainer's TensorBoard logger, or None without one."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment

@@ -24,7 +24,7 @@ log = logging.getLogger("stylemodule")
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-# What a run writes into its output folder; --overwrite removes exactly these.
+# Files and folders of a run; --overwrite removes exactly these.
 RUN_OUTPUTS = ("image.png", "config.yaml", "metrics.json", "tensorboard", "checkpoints")
 
 
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace, base: StyleConfig) -> StyleConfig
 
 
 def base_config(args: argparse.Namespace) -> StyleConfig:
-    """The preset, then the config file (if any), before the command-line options."""
+    """Build the base config: the preset, then the config file (if any), before the options."""
     base = preset(args.preset)
     if args.config:
         base = load_yaml(args.config, base=base)
@@ -83,13 +83,13 @@ def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Reject an output folder that already holds a run, unless overwriting or resuming."""
+    """Reject an output folder that already contains a run, unless overwriting or resuming."""
     existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
     if not existing or resuming:
         return
     if not overwrite:
         raise InputError(
-            f"output folder {path} already holds a run ({', '.join(existing)}); "
+            f"output folder {path} already contains a run ({', '.join(existing)}); "
             "pass --overwrite to replace it, --resume to continue it, or choose another --output"
         )
     for name in existing:
@@ -243,7 +243,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         if (folder / search.SEARCH_FILE).exists():
             if not args.overwrite:
                 raise InputError(
-                    f"output folder {folder} already holds an experiment; pass --resume {folder} "
+                    f"output folder {folder} already contains an experiment; pass --resume {folder} "
                     "to continue it, --overwrite to replace it, or choose another --output"
                 )
             shutil.rmtree(folder)

@@ -28,3 +28,7 @@ TUNE_REPORTED = {
 def style_layer_loss(layer: str) -> str:
     """Key of one style layer's unweighted loss, such as `loss/style/relu3_1`."""
     return f"{LOSS_STYLE}/{layer}"
+
+# Search-space parameter holding one uniform(0, 1) draw per style layer; the trainable
+# maps the draws to style_layer_weights on the simplex.
+SIMPLEX_KEY = "style_layer_weights_simplex"

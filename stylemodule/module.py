@@ -165,7 +165,7 @@ class StyleTransferModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def generated_rgb(self) -> torch.Tensor:
-        """The generated image as RGB in [0, 1], (1, 3, H, W), detached and clamped."""
+        """Return the generated image as RGB in [0, 1], (1, 3, H, W), detached and clamped."""
         return self.extractor.postprocess(self.image.detach().float()).clamp(0, 1)
 
     def _on_reference_grid(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -232,10 +232,10 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: StyleTransferMo
     """Raise CheckpointError when a checkpoint belongs to another image size or layer set."""
     saved = checkpoint.get("state_dict", {}).get("image")
     if saved is None:
-        raise CheckpointError(f"{source} holds no generated image; give a checkpoint written by stylemodule")
+        raise CheckpointError(f"{source} contains no generated image; give a checkpoint written by stylemodule")
     if tuple(saved.shape) != tuple(module.image.shape):
         raise CheckpointError(
-            f"{source} holds a {saved.shape[-1]}x{saved.shape[-2]} image but this run generates "
+            f"{source} contains a {saved.shape[-1]}x{saved.shape[-2]} image but this run generates "
             f"{module.image.shape[-1]}x{module.image.shape[-2]}; resume with the size settings of "
             "the checkpoint's run (its config.yaml)"
         )
@@ -256,7 +256,7 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: StyleTransferMo
 
 
 def resolved_preprocessing(preprocessing: str, weights: str) -> str:
-    """The preprocessing that `auto` stands for: caffe for the caffe weights, else torchvision."""
+    """Resolve `auto` to the preprocessing the weights expect: caffe for caffe, else torchvision."""
     if preprocessing != "auto":
         return preprocessing
     return "caffe" if weights == "caffe" else "torchvision"

@@ -121,23 +121,26 @@ def collect_trials(experiment: Path) -> list[TrialRow]:
     return rows
 
 
-def _flat_params(params: dict[str, Any]) -> dict[str, Any]:
+def _flat_params(row: TrialRow) -> dict[str, Any]:
+    """Return a trial's sampled parameters as config fields, mappings merged in."""
     flat = {}
-    for key, value in params.items():
+    for key, value in row.params.items():
         if isinstance(value, dict):
             flat.update(value)
+        elif key == keys.SIMPLEX_KEY and row.config is not None:
+            flat["style_layer_weights"] = [round(weight, 4) for weight in row.config.style_layer_weights]
         else:
             flat[key] = value
     return flat
 
 
 def write_results_csv(rows: list[TrialRow], path: Path) -> None:
-    param_keys = sorted({key for row in rows for key in _flat_params(row.params)})
+    param_keys = sorted({key for row in rows for key in _flat_params(row)})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["rank", "trial_id", *param_keys, "final_mae", "best_mae", "steps", "stop_reason", "folder"])
     for rank, row in enumerate(rows, start=1):
-        flat = _flat_params(row.params)
+        flat = _flat_params(row)
         writer.writerow(
             [rank, row.trial_id, *(flat.get(key, "") for key in param_keys),
              row.final_mae, row.best_mae, row.steps, row.stop_reason, row.folder.name]
@@ -191,7 +194,7 @@ def write_report(experiment: str | Path) -> str:
     rows = collect_trials(experiment)
     if not rows:
         raise InputError(
-            f"{experiment} holds no trials (no */params.json); give the --output folder of a search"
+            f"{experiment} contains no trials (no */params.json); give the --output folder of a search"
         )
     rows.sort(key=lambda row: (row.final_mae, row.best_mae))
     write_results_csv(rows, experiment / RESULTS_FILE)

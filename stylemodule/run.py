@@ -86,7 +86,7 @@ def load_inputs(config: StyleConfig) -> Inputs:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ImageError(
-                f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                f"calibration folder {folder} contains no images ({', '.join(IMAGE_SUFFIXES)})"
             )
         calibration = [
             resize_long_edge(load_image(path, role="calibration", **load), config.size) for path in files
@@ -107,7 +107,7 @@ def make_trainer(
     progress_bar: bool = True,
     checkpoints: bool = True,
 ) -> pl.Trainer:
-    """A Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps."""
+    """Build a Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps."""
     output_dir = Path(output_dir)
     all_callbacks: list[Callback] = [
         ImageLogger(config.image_every, output_dir / IMAGE_FILE),

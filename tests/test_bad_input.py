@@ -53,7 +53,7 @@ def test_existing_experiment_needs_resume_or_overwrite(tmp_path: Path, capsys: p
     folder.mkdir()
     (folder / "search.yaml").write_text("settings: {}\n")
     error = run_error(["search", "--output", str(folder)], capsys)
-    assert "already holds an experiment" in error
+    assert "already contains an experiment" in error
     assert f"--resume {folder}" in error
 
 

@@ -95,7 +95,7 @@ def test_transfer_killed_then_resumed_matches(tmp_path: Path, data_dir: Path) ->
 def test_killed_trial_is_retried_from_checkpoint(tmp_path: Path, data_dir: Path) -> None:
     experiment = tmp_path / "experiment"
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", "--samples", "1",
-               "--size", "32", "--steps", "30", "--eval-every", "3", "--scheduler", "fifo",
+               "--size", "32", "--steps", "30", "--eval-every", "3", "--checkpoint-every", "3", "--scheduler", "fifo",
                "--max-failures", "2", "--output", str(experiment), "--data-dir", str(data_dir)]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -23,7 +23,7 @@ from stylemodule.report import RESULTS_FILE, collect_trials, write_report
 # 4 trials of 12 steps at 32 pixels, evaluated every 3 steps: ASHA can stop at 3 and 6.
 TINY_SEARCH = [
     "--samples", "4", "--size", "32", "--steps", "12", "--eval-every", "3",
-    "--image-every", "3", "--grace-period", "3", "--reduction-factor", "2",
+    "--image-every", "3", "--checkpoint-every", "3", "--grace-period", "3", "--reduction-factor", "2",
 ]
 
 

@@ -1,0 +1,137 @@
+"""scripts/benchmark.py run as a command: the --quick smoke run at 32 pixels and its Markdown
+page, and the error for --device cuda on a machine without CUDA."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+SECTIONS = (
+    "# Benchmarks",
+    "## Step time",
+    "## Floating-point work and memory",
+    "## Precision and layout",
+    "## Search efficiency: ASHA against FIFO",
+    "## GPU: 500 L-BFGS steps at 512 px",
+    "## Targets",
+)
+
+
+def run_script(*args: str, data_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "STYLEMODULE_DATA": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def table_row(document: str, first_cells: str) -> list[str]:
+    """Return the cells of the Markdown table row that starts with `first_cells`."""
+    for line in document.splitlines():
+        if line.startswith(f"| {first_cells} |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"no table row starting with '| {first_cells} |' in:\n{document}")
+
+
+@pytest.fixture(scope="module")
+def quick_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], str]:
+    """One --quick run without the searches; returns the process and the written page."""
+    output = tmp_path_factory.mktemp("benchmark") / "b.md"
+    completed = run_script("--quick", "--skip-search", "--sizes", "32", "--output", str(output), data_dir=data_dir, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed, output.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_sections(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, document = quick_run
+    for section in SECTIONS:
+        assert f"\n{section}\n" in f"\n{document}", section
+
+
+@pytest.mark.slow
+def test_quick_run_prints_page(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    completed, document = quick_run
+    assert "## Step time" in completed.stdout
+    assert completed.stdout.strip() == document.strip()
+
+
+@pytest.mark.slow
+def test_quick_run_records_run(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, document = quick_run
+    assert "- Command: `python scripts/benchmark.py --quick --skip-search --sizes 32 --output " in document
+    assert re.search(r"- Date: \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", document)
+    assert re.search(r"1-minute load average: \d+\.\d+ at the start and \d+\.\d+ at the end", document)
+    for library in ("torch", "pytorch-lightning", "ray", "torchmetrics", "python"):
+        assert re.search(rf"- Libraries: .*\b{library} \d", document), library
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["L-BFGS", "Adam"])
+def test_quick_run_step_times(quick_run: tuple[subprocess.CompletedProcess[str], str], optimizer: str) -> None:
+    _, document = quick_run
+    cells = table_row(document, f"32 | 32x24 | {optimizer}")
+    lightning_ms, plain_ms, overhead = float(cells[3]), float(cells[4]), float(cells[5])
+    bare_ms, plain_over_bare = float(cells[7]), float(cells[8])
+    assert lightning_ms > 0
+    assert plain_ms > 0
+    assert bare_ms > 0
+    assert overhead == pytest.approx(lightning_ms / plain_ms, rel=0.05)
+    assert plain_over_bare == pytest.approx(plain_ms / bare_ms, rel=0.05)
+
+
+@pytest.mark.slow
+def test_quick_run_work_and_memory(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, document = quick_run
+    section = document.split("## Floating-point work and memory")[1].split("## Precision and layout")[0]
+    cells = table_row(section, "32 | 32x24 | L-BFGS")
+    step_gflop, bare_gflop, rate = float(cells[3]), float(cells[4]), float(cells[5])
+    assert step_gflop >= bare_gflop > 0
+    assert rate > 0
+    assert float(cells[7]) >= float(cells[8]) > 0  # evaluation, MAE alone
+    assert float(cells[10]) >= float(cells[9]) > 0  # peak resident memory: process, plain loop
+    assert re.search(r"ceiling used here is the best of 5 float32 256x256 matrix products: \d+\.\d GFLOP/s", document)
+
+
+@pytest.mark.slow
+def test_quick_run_precision_rows(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, document = quick_run
+    for optimizer in ("L-BFGS", "Adam"):
+        cells = table_row(document, f"{optimizer} | float32 | 32-true | no")
+        assert float(cells[4]) > 0  # ms/step
+        assert 0 < float(cells[6]) < 1  # MAE
+        table_row(document, f"{optimizer} | bf16-mixed | bf16-mixed | no")
+        table_row(document, f"{optimizer} | channels-last | 32-true | yes")
+
+
+@pytest.mark.slow
+def test_quick_run_targets(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, document = quick_run
+    targets = document.split("## Targets")[1]
+    assert "| not measured: 256 is not among --sizes | not measured |" in targets
+    assert "| not measured: --skip-search | not measured |" in targets
+    plain_rows = [line for line in targets.splitlines() if "of bare forward+backward, 32 px" in line]
+    assert len(plain_rows) == 2
+    for line in plain_rows:
+        assert line.endswith(("| MET |", "| MISSED |")), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_gpu_rejected(data_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "b.md"
+    completed = run_script("--device", "cuda", "--output", str(output), data_dir=data_dir, timeout=120)
+    assert completed.returncode == 2
+    assert "--device cuda needs a CUDA GPU" in completed.stderr
+    assert "use --device cpu" in completed.stderr
+    assert not output.exists()
