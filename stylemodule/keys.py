@@ -32,3 +32,7 @@ def style_layer_loss(layer: str) -> str:
 # Search-space parameter holding one uniform(0, 1) draw per style layer; the trainable
 # maps the draws to style_layer_weights on the simplex.
 SIMPLEX_KEY = "style_layer_weights_simplex"
+
+# MAE reported for a trial whose loss went non-finite: worse than any real MAE, since
+# those lie in [0, 1].
+WORST_MAE = 1.0e9

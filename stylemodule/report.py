@@ -149,7 +149,12 @@ def write_results_csv(rows: list[TrialRow], path: Path) -> None:
 
 
 def _caption(row: TrialRow, rank: int) -> list[str]:
-    lines = [f"#{rank} MAE {row.final_mae:.4f}" if math.isfinite(row.final_mae) else f"#{rank} MAE n/a"]
+    if row.final_mae >= keys.WORST_MAE:
+        lines = [f"#{rank} MAE worst (loss not finite)"]
+    elif math.isfinite(row.final_mae):
+        lines = [f"#{rank} MAE {row.final_mae:.4f}"]
+    else:
+        lines = [f"#{rank} MAE n/a"]
     if row.config is not None:
         values = [f"{name}={getattr(row.config, name):.3g}" if isinstance(getattr(row.config, name), float)
                   else f"{name}={getattr(row.config, name)}" for name in SHEET_FIELDS]

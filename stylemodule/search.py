@@ -39,8 +39,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.yaml"
 SIMPLEX_KEY = keys.SIMPLEX_KEY
-# MAE of a trial whose loss went non-finite: worse than any real MAE (those lie in [0, 1]).
-WORST_MAE = 1.0e9
+WORST_MAE = keys.WORST_MAE
 TRIAL_CHECKPOINT = "checkpoint.ckpt"
 
 # YAML domain names -> (ray.tune function, number of arguments).
