@@ -514,6 +514,12 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Pat
     check_space(space, base)
     scheduler = build_scheduler(settings, base)
 
+    if settings.gpus_per_trial > 0 and not settings.address and torch_cuda_count() == 0:
+        # Tune would keep every trial pending, waiting for a GPU that never comes.
+        raise InputError(
+            f"--gpus-per-trial {settings.gpus_per_trial} needs a GPU, but this machine has none; "
+            "drop the option, or join a cluster with GPUs with --address"
+        )
     cpus = os.cpu_count() or 1
     limit = concurrency_limit(base, settings.max_concurrent, cpus, settings.cpus_per_trial)
     if settings.address:

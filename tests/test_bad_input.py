@@ -114,3 +114,13 @@ def test_local_ray_binds_loopback_without_dashboard(monkeypatch: pytest.MonkeyPa
     assert kwargs["include_dashboard"] is False
     assert "address" not in kwargs
     assert ray_constants.ENABLE_RAY_CLUSTER is False  # node address resolves to 127.0.0.1
+
+
+def test_gpus_per_trial_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    error = run_error(["search", "--gpus-per-trial", "0.5", "--output", str(tmp_path / "x")], capsys)
+    assert "--gpus-per-trial 0.5 needs a GPU, but this machine has none" in error
+    assert not (tmp_path / "x").exists()
