@@ -67,8 +67,6 @@ ASHA_STEPS_TARGET = 0.5  # ASHA's total steps / FIFO's total steps
 GPU_TARGET_S = 10.0  # 500 L-BFGS steps at 512 px
 GPU_TARGET_STEPS = 500
 GPU_TARGET_SIZE = 512
-# StyleConfig.history_size's default, for the computed L-BFGS history memory; main() checks it.
-DEFAULT_HISTORY = 100
 
 # Option values of a default run and of --quick. An option given on the command line
 # overrides both.
@@ -109,7 +107,7 @@ log = logging.getLogger("benchmark")
 
 
 def make_sync(device: str) -> Callable[[], None]:
-    """Return a function that waits for the device, so perf_counter() sees finished work."""
+    """Return a function that waits for the device's queued work, to call before perf_counter()."""
     import torch
 
     if device == "cuda":
@@ -118,16 +116,16 @@ def make_sync(device: str) -> Callable[[], None]:
 
 
 def step_intervals(ends: Sequence[float], warmup: int) -> list[float]:
-    """Seconds of each step after the first `warmup` steps, from the times at which steps ended.
+    """Return the seconds of each step after the first `warmup` steps.
 
-    `ends[i]` is the end of step i+1 (or `ends[0]` the start of step 1 when the caller
-    records it); the interval of step k is ends[k] - ends[k-1].
+    `ends` are the perf_counter() values at which steps ended. A caller may put the start
+    of step 1 first, and then every interval after the warm-up still covers one step.
     """
     return [later - earlier for earlier, later in zip(ends[warmup - 1 :], ends[warmup:])]
 
 
 def peak_memory(device: str) -> int:
-    """Peak memory of this process in bytes: resident set on the CPU, allocated tensors on a GPU."""
+    """Return the peak memory of this process in bytes: resident set on the CPU, allocated tensors on a GPU."""
     import torch
 
     if device == "cuda":
@@ -358,7 +356,8 @@ def worker_case(spec: dict[str, Any]) -> dict[str, Any]:
                 # Before any Lightning run: the peak of the plain loop alone.
                 plain_peak = peak_memory(device)
             lightning.append(step_intervals(lightning_step_times(module, initial, config, Path(folder), sync), warmup))
-            bare.append(step_intervals(bare_step_times(module, initial, device, total_steps, sync), warmup))
+            # The process is warm by now, so one untimed pass suffices.
+            bare.append(step_intervals(bare_step_times(module, initial, device, 1 + steps, sync), 1))
 
     evaluation, evaluation_mae = evaluation_seconds(module, device, sync)
     result = {
@@ -407,7 +406,7 @@ def worker_variants(spec: dict[str, Any]) -> dict[str, Any]:
                 try:
                     record = run_transfer(config, output, progress_bar=False, callbacks=[timer], checkpoints=False)
                 except RuntimeError as error:
-                    logging.exception("variant %s with %s failed", name, optimizer)
+                    log.exception("variant %s with %s failed", name, optimizer)
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
                     rows.append(row)
                     continue
@@ -515,7 +514,7 @@ def run_worker(kind: str, spec_json: str, result_path: str) -> int:
 
 
 class WorkerError(RuntimeError):
-    """A worker subprocess failed; the message holds the end of its log."""
+    """Failure of a worker subprocess, with the end of its log in the message."""
 
 
 def run_child(kind: str, spec: dict[str, Any], folder: Path, label: str) -> dict[str, Any]:
@@ -527,15 +526,18 @@ def run_child(kind: str, spec: dict[str, Any], folder: Path, label: str) -> dict
         sys.executable, str(Path(__file__).resolve()),
         "--worker", kind, "--worker-spec", json.dumps(spec), "--worker-result", str(result_path),
     ]  # fmt: skip
-    print(f"benchmark: {label} ...", file=sys.stderr, flush=True)
+    log.info("%s ...", label)
+    load_start = load_average()
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log_file:
         completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPOSITORY, check=False)
     if completed.returncode != 0 or not result_path.is_file():
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
         raise WorkerError(f"{label} failed with exit code {completed.returncode}; the end of its log:\n{tail}")
-    print(f"benchmark: {label} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(result_path.read_text(encoding="utf-8"))
+    log.info("%s done in %.0f s", label, time.perf_counter() - start)
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    result["load"] = (load_start, load_average())
+    return result
 
 
 def cpu_model() -> str:
@@ -608,9 +610,9 @@ def ms(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
     value = seconds * 1000
-    if value >= 100:
+    if abs(value) >= 100:
         return f"{value:.0f}"
-    if value >= 10:
+    if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
 
@@ -641,10 +643,29 @@ def pooled_median(runs: Sequence[Sequence[float]]) -> float:
     return statistics.median([value for run in runs for value in run])
 
 
-def spread(runs: Sequence[Sequence[float]]) -> float:
-    """Range of the per-run medians relative to the pooled median."""
+def minimum(runs: Sequence[Sequence[float]]) -> float:
+    return min(value for run in runs for value in run)
+
+
+def load_text(load: Sequence[float | None]) -> str:
+    return ", ".join("n/a" if value is None else f"{value:.2f}" for value in load)
+
+
+def spread(runs: Sequence[Sequence[float]]) -> float | None:
+    """Return the range of the per-run medians relative to the pooled median, or None for one run."""
+    if len(runs) < 2:
+        return None
     medians = [statistics.median(run) for run in runs]
     return (max(medians) - min(medians)) / pooled_median(runs)
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def max_spread(*values: float | None) -> str:
+    known = [value for value in values if value is not None]
+    return percent(max(known)) if known else "n/a (one run)"
 
 
 # ---------------------------------------------------------------------- summaries
@@ -652,6 +673,8 @@ def spread(runs: Sequence[Sequence[float]]) -> float:
 
 def summarise_case(case: dict[str, Any], flops: dict[int, tuple[int, int]], ceiling_gflops: float) -> dict[str, Any]:
     """Add the medians, ratios and rates that the tables and targets read."""
+    from stylemodule.config import StyleConfig
+
     plain = pooled_median(case["plain"])
     lightning = pooled_median(case["lightning"])
     bare = pooled_median(case["bare"])
@@ -661,7 +684,7 @@ def summarise_case(case: dict[str, Any], flops: dict[int, tuple[int, int]], ceil
     history_bytes = None
     if case["optimizer"] == "lbfgs":
         # Two float32 vectors of the image's size per entry (L-BFGS's s and y).
-        history_bytes = 2 * DEFAULT_HISTORY * 3 * height * width * 4
+        history_bytes = 2 * StyleConfig().history_size * 3 * height * width * 4
     return {
         **case,
         "image": f"{width}x{height}",
@@ -670,8 +693,11 @@ def summarise_case(case: dict[str, Any], flops: dict[int, tuple[int, int]], ceil
         "bare_s": bare,
         "overhead": lightning / plain,
         "plain_over_bare": plain / bare,
+        "overhead_min": minimum(case["lightning"]) / minimum(case["plain"]),
+        "plain_over_bare_min": minimum(case["plain"]) / minimum(case["bare"]),
         "spread_plain": spread(case["plain"]),
         "spread_lightning": spread(case["lightning"]),
+        "spread_bare": spread(case["bare"]),
         "step_flops": step_flops,
         "bare_flops": bare_flops,
         "gflops": gflops,
@@ -694,6 +720,7 @@ def summarise_search(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "best_mae": min(best) if best else math.inf,
             "best_final_mae": min(final) if final else math.inf,
             "configs": sorted(json.dumps(t["params"], sort_keys=True) for t in trials),
+            "load": result["load"],
         }
     asha, fifo = rows["asha"], rows["fifo"]
     return {
@@ -726,7 +753,10 @@ def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
         elif case is None:
             rows.append((target, f"not measured: {OVERHEAD_TARGET_SIZE} is not among --sizes", "not measured"))
         else:
-            measured = f"{case['overhead']:.3f} ({ms(case['lightning_s'])} ms / {ms(case['plain_s'])} ms)"
+            measured = (
+                f"{case['overhead']:.3f} ({ms(case['lightning_s'])} ms / {ms(case['plain_s'])} ms); "
+                f"minimums {case['overhead_min']:.3f}; spread {max_spread(case['spread_lightning'], case['spread_plain'])}"
+            )
             rows.append((target, measured, verdict(case["overhead"] <= OVERHEAD_TARGET)))
 
     for case in cases:
@@ -734,7 +764,10 @@ def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"plain loop within {PLAIN_TARGET}x of bare forward+backward, {case['size']} px, "
             f"{OPTIMIZER_NAMES[case['optimizer']]}"
         )
-        measured = f"{case['plain_over_bare']:.3f} ({ms(case['plain_s'])} ms / {ms(case['bare_s'])} ms)"
+        measured = (
+            f"{case['plain_over_bare']:.3f} ({ms(case['plain_s'])} ms / {ms(case['bare_s'])} ms); "
+            f"minimums {case['plain_over_bare_min']:.3f}; spread {max_spread(case['spread_plain'], case['spread_bare'])}"
+        )
         rows.append((target, measured, verdict(case["plain_over_bare"] <= PLAIN_TARGET)))
 
     search = run["search"]
@@ -779,14 +812,17 @@ def step_time_section(run: dict[str, Any]) -> list[str]:
     options = run["options"]
     header = [
         "size", "image", "optimizer", "Lightning (ms/step)", "plain loop (ms/step)", "Lightning / plain",
-        "Lightning - plain (ms)", "bare fwd+bwd (ms)", "plain / bare", "spread Lightning, plain",
+        "Lightning - plain (ms)", "bare fwd+bwd (ms)", "plain / bare", "same ratios of minimums",
+        "spread Lightning, plain, bare", "load average at start, end",
     ]  # fmt: skip
     rows = [
         [
             case["size"], case["image"], OPTIMIZER_NAMES[case["optimizer"]], ms(case["lightning_s"]),
             ms(case["plain_s"]), ratio(case["overhead"]), ms(case["lightning_s"] - case["plain_s"]),
             ms(case["bare_s"]), ratio(case["plain_over_bare"]),
-            f"{case['spread_lightning']:.0%}, {case['spread_plain']:.0%}",
+            f"{ratio(case['overhead_min'])}, {ratio(case['plain_over_bare_min'])}",
+            ", ".join(percent(case[key]) for key in ("spread_lightning", "spread_plain", "spread_bare")),
+            load_text(case["load"]),
         ]  # fmt: skip
         for case in run["cases"]
     ]
@@ -807,9 +843,15 @@ def step_time_section(run: dict[str, Any]) -> list[str]:
         "`optimizer.step(closure)` with a closure that calls `module.compute_losses(module.image)` "
         "and `backward()`.",
         "- bare fwd+bwd: `module.extractor(image)` to the loss layers, the features summed, "
-        "`backward()`; no losses and no optimiser.",
+        "`backward()`; no losses and no optimiser. Each run has one warm-up pass, because it "
+        "follows the plain and Lightning runs in the same process.",
+        "- same ratios of minimums: Lightning / plain and plain / bare from the fastest timed step "
+        "of each kind. Other processes only ever add time, so the minimums are the least disturbed "
+        "steps; the targets below use the medians.",
         "- spread: the range of the per-run medians divided by the median. The three kinds of run "
-        "alternate within each repeat, so load from other processes falls on all three.",
+        "alternate within each repeat, so load from other processes falls on all three, but a "
+        "spread above a few percent means the load changed during the case.",
+        "- load average: the 1-minute load average when the case's subprocess started and ended.",
         "",
     ]
 
@@ -857,7 +899,7 @@ def work_section(run: dict[str, Any]) -> list[str]:
         "after the first plain run, before any Lightning run; the process column covers all runs. "
         f"The measured L-BFGS runs hold at most {run['options']['warmup'] + run['options']['steps'] - 1} "
         "history entries. The last column is computed, not measured: 2 x 100 float32 vectors of the "
-        "image's size, which a long run with the default `history_size` of 100 adds.",
+        "image's size, which a long run with the default `history_size` adds.",
         "",
     ]
 
@@ -902,7 +944,7 @@ def variants_section(run: dict[str, Any]) -> list[str]:
         f"precision flag and the `channels_last` config field; ms/step is the median after "
         f"{plural(options['warmup'], 'warm-up step')} of that run. {native} MAE: the mean absolute difference "
         "of RGB values in [0, 1] between the generated image and the reference, on the reference's "
-        "pixel grid.",
+        f"pixel grid. Load average at the start and end: {load_text(variants['load'])}.",
         "",
         *table(header, rows),
         "",
@@ -916,11 +958,14 @@ def search_section(run: dict[str, Any]) -> list[str]:
     lines = ["## Search efficiency: ASHA against FIFO", ""]
     if search is None:
         return [*lines, "Not measured: the run used --skip-search.", ""]
-    header = ["scheduler", "trials", "stopped early", "total steps", "wall time (s)", "best MAE", "best final MAE"]
+    header = [
+        "scheduler", "trials", "stopped early", "total steps", "wall time (s)", "best MAE", "best final MAE",
+        "load average at start, end",
+    ]  # fmt: skip
     rows = [
         [
             scheduler.upper(), row["trials"], row["stopped_early"], row["total_steps"], f"{row['wall_s']:.0f}",
-            mae_text(row["best_mae"]), mae_text(row["best_final_mae"]),
+            mae_text(row["best_mae"]), mae_text(row["best_final_mae"]), load_text(row["load"]),
         ]  # fmt: skip
         for scheduler, row in search["rows"].items()
     ]
@@ -1034,7 +1079,7 @@ def check_options(options: dict[str, Any]) -> str | None:
     return None
 
 
-def measure(options: dict[str, Any], data_dir: Path, folder: Path, gpu_name: str | None) -> dict[str, Any]:
+def measure(options: dict[str, Any], data_dir: Path, folder: Path) -> dict[str, Any]:
     """Run every worker and return the measurements, summarised for the document."""
     common = {"device": options["device"], "data_dir": str(data_dir), "warmup": options["warmup"], "steps": options["steps"]}
     ceiling = run_child("ceiling", {**common, "matmul_size": options["matmul_size"]}, folder, "matmul ceiling")
@@ -1135,6 +1180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return run_worker(args.worker, args.worker_spec, args.worker_result)
 
+    logging.basicConfig(level=logging.INFO, format="benchmark: %(message)s", stream=sys.stderr)
     options = resolve_options(args)
     problem = check_options(options)
     if problem:
@@ -1143,13 +1189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from stylemodule.config import StyleConfig
     from stylemodule.data import resolve_data_dir
 
-    if StyleConfig().history_size != DEFAULT_HISTORY:
-        raise RuntimeError(f"StyleConfig.history_size is now {StyleConfig().history_size}; update DEFAULT_HISTORY")
-    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    if options["device"] == "cuda" and gpu_name is None:
+    cuda_available = torch.cuda.is_available()
+    if options["device"] == "cuda" and not cuda_available:
         print(
             f"error: --device cuda needs a CUDA GPU, but torch {torch.__version__} finds none "
             "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU and its "
@@ -1168,16 +1211,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     load_start = load_average()
-    print(f"benchmark: 1-minute load average at the start: {load_start}", file=sys.stderr)
+    log.info("1-minute load average at the start: %s", load_start)
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="stylemodule-benchmark-") as folder:
-            measurements = measure(options, data_dir, Path(folder), gpu_name)
+            measurements = measure(options, data_dir, Path(folder))
     except WorkerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     load_end = load_average()
-    print(f"benchmark: 1-minute load average at the end: {load_end}", file=sys.stderr)
+    log.info("1-minute load average at the end: %s", load_end)
+
+    # With --device cuda the name comes from a worker, so that this process creates no CUDA context.
+    gpu_name = measurements["ceiling"].get("gpu_name")
+    if gpu_name is None and cuda_available:
+        gpu_name = torch.cuda.get_device_name(0)
 
     script = str(Path(__file__).resolve().relative_to(REPOSITORY))
     run = {
@@ -1198,7 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(document + "\n", encoding="utf-8")
     print(document)
-    print(f"benchmark: wrote {output}", file=sys.stderr)
+    log.info("wrote %s", output)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from stylemodule.config import GATYS2016, TUTORIAL, StyleConfig
 from stylemodule.data import resolve_data_dir
+from stylemodule.errors import NonFiniteLossError
 from stylemodule.files import atomic_write_text
 from stylemodule.run import run_transfer
 
@@ -64,26 +66,31 @@ def run_variant(name: str, config: StyleConfig, args: argparse.Namespace) -> dic
             image_every=args.steps, checkpoint_every=args.steps, keep_checkpoints=1,
         ).with_absolute_paths(resolve_data_dir(args.data_dir))
         started = time.perf_counter()
-        record = run_transfer(run_config, args.output / name / f"seed{seed}", progress_bar=False)
+        try:
+            record = run_transfer(run_config, args.output / name / f"seed{seed}", progress_bar=False)
+        except NonFiniteLossError as error:
+            # L-BFGS without a line search can diverge; that is a result, not a crash.
+            record = {"steps": error.step, "stop_reason": f"loss not finite at step {error.step}"}
         runs.append({"seed": seed, "seconds": round(time.perf_counter() - started, 1), **record})
-    maes = [run["metric/mae"] for run in runs]
+    maes = [run["metric/mae"] for run in runs if "metric/mae" in run]
     return {
         "variant": name,
         "description": VARIANTS[name][0],
-        "mae_mean": statistics.fmean(maes),
+        "mae_mean": statistics.fmean(maes) if maes else math.nan,
         "mae_stdev": statistics.stdev(maes) if len(maes) > 1 else 0.0,
+        "diverged": len(runs) - len(maes),
         "runs": runs,
     }
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| variant | what changes | MAE mean | MAE std (seeds) | runs | seconds per run |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for result in sorted(results, key=lambda r: r["mae_mean"]):
+    lines = ["| variant | what changes | MAE mean | MAE std (seeds) | runs | diverged | seconds per run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for result in sorted(results, key=lambda r: (math.isnan(r["mae_mean"]), r["mae_mean"])):
         seconds = statistics.fmean(run["seconds"] for run in result["runs"])
         lines.append(
             f"| {result['variant']} | {result['description']} | {result['mae_mean']:.4f} | "
-            f"{result['mae_stdev']:.4f} | {len(result['runs'])} | {seconds:.0f} |"
+            f"{result['mae_stdev']:.4f} | {len(result['runs'])} | {result['diverged']} | {seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.variants:
         results.append(run_variant(name, VARIANTS[name][1], args))
-        print(f"{name}: MAE {results[-1]['mae_mean']:.4f} ± {results[-1]['mae_stdev']:.4f}", flush=True)
+        print(f"{name}: MAE {results[-1]['mae_mean']:.4f} ± {results[-1]['mae_stdev']:.4f}, "
+              f"{results[-1]['diverged']} diverged", flush=True)
     summary = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "results": results}
     atomic_write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(markdown_table(results))

@@ -24,8 +24,10 @@ SECTIONS = (
 )
 
 
-def run_script(*args: str, data_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "STYLEMODULE_DATA": str(data_dir)}
+def run_script(*args: str, data_dir: Path | None = None, timeout: float) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ)
+    if data_dir is not None:
+        environment["STYLEMODULE_DATA"] = str(data_dir)
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
@@ -46,7 +48,7 @@ def table_row(document: str, first_cells: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], str]:
-    """One --quick run without the searches; returns the process and the written page."""
+    """Return the process and the written page of one --quick run without the searches."""
     output = tmp_path_factory.mktemp("benchmark") / "b.md"
     completed = run_script("--quick", "--skip-search", "--sizes", "32", "--output", str(output), data_dir=data_dir, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -128,9 +130,9 @@ def test_quick_run_targets(quick_run: tuple[subprocess.CompletedProcess[str], st
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_cuda_without_gpu_rejected(data_dir: Path, tmp_path: Path) -> None:
+def test_cuda_without_gpu_rejected(tmp_path: Path) -> None:
     output = tmp_path / "b.md"
-    completed = run_script("--device", "cuda", "--output", str(output), data_dir=data_dir, timeout=120)
+    completed = run_script("--device", "cuda", "--output", str(output), timeout=120)
     assert completed.returncode == 2
     assert "--device cuda needs a CUDA GPU" in completed.stderr
     assert "use --device cpu" in completed.stderr
