@@ -40,14 +40,14 @@ def _none_or(convert: Any) -> Any:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """Add one option per config field; unset options stay None so presets show through."""
+    """Add one option per config field; options not given stay absent so presets show through."""
     group = parser.add_argument_group("settings (defaults: the gatys2016 preset)")
     for f in StyleConfig.fields():
         base, optional = field_type(f)
         option = "--" + f.name.replace("_", "-")
         default = getattr(config_module.GATYS2016, f.name)
         help_text = f"{f.metadata['help']} (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             group.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
         elif base is list:
@@ -57,13 +57,15 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             convert = _none_or(base) if optional else base
             choices = f.metadata.get("choices")
             if choices:
-                kwargs["choices"] = choices
-            group.add_argument(option, type=convert, metavar=base.__name__.upper(), **kwargs)
+                kwargs["choices"] = choices  # argparse shows them as the metavar
+            else:
+                kwargs["metavar"] = base.__name__.upper()
+            group.add_argument(option, type=convert, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, base: StyleConfig) -> StyleConfig:
     """Apply the config options given on the command line on top of `base`."""
-    changes = {f.name: getattr(args, f.name) for f in StyleConfig.fields() if getattr(args, f.name) is not None}
+    changes = {f.name: getattr(args, f.name) for f in StyleConfig.fields() if hasattr(args, f.name)}
     return StyleConfig.from_dict(changes, base=base)
 
 
@@ -82,10 +84,15 @@ def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Reject an output folder that already contains a run, unless overwriting or resuming."""
+def prepare_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = None) -> None:
+    """Reject an output folder that already contains a run, unless overwriting it or
+    resuming the run it contains (`resuming_from` is that run's folder)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output {path} is a file, not a folder; choose another --output")
     existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
-    if not existing or resuming:
+    if not existing:
+        return
+    if resuming_from is not None and path.resolve() == resuming_from.resolve():
         return
     if not overwrite:
         raise InputError(
@@ -124,6 +131,16 @@ def transfer_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_transfer_command)
 
 
+def check_accelerator(accelerator: str) -> None:
+    """Reject a GPU accelerator on a machine without CUDA before any work starts."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--accelerator {accelerator} needs a CUDA GPU, but torch finds none; use auto or cpu"
+        )
+
+
 def resolve_resume(path: Path) -> Path:
     if path.is_dir():
         return path / "checkpoints" / "last.ckpt"
@@ -149,9 +166,17 @@ def run_transfer_command(args: argparse.Namespace) -> int:
         output = resume.resolve().parent.parent
     else:
         output = Path("outputs") / args.preset
-    prepare_output_dir(output, args.overwrite, resuming=resume is not None)
+    prepare_output_dir(output, args.overwrite, resume.resolve().parent.parent if resume is not None else None)
+    check_accelerator(config.accelerator)
 
-    record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress)
+    try:
+        record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"stylemodule transfer: interrupted; continue with: stylemodule transfer --resume {output}",
+            file=sys.stderr,
+        )
+        return 130
     summary = ", ".join(f"{key} {value:.4g}" for key, value in record.items() if isinstance(value, float))
     print(f"wrote {output / 'image.png'} after {record['steps']} steps ({record['stop_reason']}); {summary}")
     return 0
@@ -234,7 +259,8 @@ def run_search_command(args: argparse.Namespace) -> int:
     from stylemodule.report import write_report
 
     if args.resume is not None:
-        folder = search.resume_search(args.resume)
+        folder = args.resume
+        errors = search.resume_search(folder)
     else:
         space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
         args.preset = args.preset or space_preset
@@ -254,7 +280,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             searcher=args.searcher,
             sampler_seed=args.sampler_seed,
-            grace_period=args.grace_period or max(1, config.steps // 6),
+            grace_period=args.grace_period if args.grace_period is not None else max(1, config.steps // 6),
             reduction_factor=args.reduction_factor,
             grid_stride=args.grid_stride,
             cpus_per_trial=args.cpus_per_trial,
@@ -267,10 +293,14 @@ def run_search_command(args: argparse.Namespace) -> int:
         )
         if settings.gpus_per_trial > 0 and config.accelerator == "cpu":
             raise InputError("--gpus-per-trial is set but --accelerator is cpu; drop one of them")
-        folder = search.run_search(settings, config, folder)
+        errors = search.run_search(settings, config, folder)
+        if settings.storage and "://" not in settings.storage:
+            folder = Path(settings.storage) / folder.name  # where Ray wrote the trials
 
-    summary = write_report(folder)
-    print(summary)
+    print(write_report(folder))
+    if errors:
+        print(f"stylemodule search: {errors} trials ended in an error; see {folder / 'results.csv'}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -308,8 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Lightning's start-up notes (accelerators, tips) are noise next to the progress bar.
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     # pytorch-lightning 2.6 builds a pytree LeafSpec that torch 2.14 deprecates.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:

@@ -138,7 +138,7 @@ class StyleConfig:
     )
     precision: str = _setting("32-true", "Lightning precision", PRECISIONS)
     channels_last: bool = _setting(False, "run VGG19 in the channels-last memory layout")
-    accelerator: str = _setting("auto", "Lightning accelerator: auto, cpu or gpu")
+    accelerator: str = _setting("auto", "Lightning accelerator", ("auto", "cpu", "gpu"))
 
     # ------------------------------------------------------------------ construction
 

@@ -76,7 +76,8 @@ def load_inputs(config: StyleConfig) -> Inputs:
 
     reference = None
     if config.reference:
-        reference = load_image(config.reference, role="reference", max_pixels=config.max_pixels)
+        # SSIM's 11x11 Gaussian window needs at least 11 pixels on each side.
+        reference = load_image(config.reference, role="reference", max_pixels=config.max_pixels, min_side=11)
 
     calibration = None
     if config.normalize and config.calibration_dir:
@@ -135,6 +136,9 @@ def make_trainer(
     if progress_bar:
         all_callbacks.append(StepProgressBar())
 
+    # Lightning's start-up notes (accelerators, tips) are noise next to the progress bar;
+    # its package sets its own level on import, so this comes after the import.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     return pl.Trainer(
         default_root_dir=output_dir,
         max_steps=config.steps,
@@ -209,8 +213,8 @@ def run_transfer(
     trials that save their own.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     module = build_module(config, inputs)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if resume is not None:
         check_checkpoint_matches(read_checkpoint(resume), module, source=f"checkpoint {resume}")
     save_yaml(config, output_dir / CONFIG_FILE)
@@ -224,6 +228,11 @@ def run_transfer(
                 # A resumed run writes into its own checkpoint folder, which is not empty.
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     except NonFiniteLossError as error:
         saved = describe_saved_state(trainer, error.step)
         error.args = (f"{error}; {saved}lower the learning rate or the loss weights",)

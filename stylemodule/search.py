@@ -33,6 +33,7 @@ from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
 from stylemodule import keys
 from stylemodule.config import StyleConfig
+from stylemodule.config import _YAMLLoader as YAMLLoader
 from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YAMLLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"search space file not found: {path}") from None
     except yaml.YAMLError as error:
@@ -221,7 +222,8 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
         variants = generate_variants(dict(space), random_state=rng.randint(0, 2**31))
         for _, variant in itertools.islice(variants, samples):
             trial_config(variant, base)
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
+        # Tune's domains raise ValueError for bounds such as loguniform(high, low).
         raise ConfigError(f"the search space gives an invalid config: {error}") from None
 
 
@@ -265,7 +267,6 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
 
     torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     config = trial_config(params, StyleConfig.from_dict(base))
     trial_dir = Path(tune.get_context().get_trial_dir())
@@ -398,8 +399,13 @@ def load_search_file(folder: Path) -> tuple[SearchSettings, StyleConfig]:
             f"{folder} is not a stylemodule experiment: {SEARCH_FILE} is missing; "
             "give the --output folder of an earlier `stylemodule search`"
         )
-    document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return SearchSettings(**document["settings"]), StyleConfig.from_dict(document["base"])
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return SearchSettings(**document["settings"]), StyleConfig.from_dict(document["base"])
+    except (yaml.YAMLError, TypeError, KeyError) as error:
+        raise InputError(
+            f"invalid {path} ({error}); restore it from a backup or start a new search with --overwrite"
+        ) from None
 
 
 def build_scheduler(settings: SearchSettings, base: StyleConfig) -> Any:
@@ -492,12 +498,32 @@ def run_config(settings: SearchSettings, folder: Path, space: Mapping[str, Any])
     )
 
 
+def check_inputs(space: Mapping[str, Any], base: StyleConfig) -> None:
+    """Load the base config's images and every weight source the space can choose, so that
+    a missing file or unavailable weights fail here and not in every trial."""
+    from ray.tune.search.sample import Categorical
+
+    from stylemodule.run import load_inputs
+    from stylemodule.vgg import WEIGHT_SOURCES, load_state_dict
+
+    load_inputs(base)
+    sources = {base.weights}
+    domain = space.get("weights")
+    if isinstance(domain, Categorical):
+        sources.update(domain.categories)
+    elif isinstance(domain, str):
+        sources.add(domain)
+    for source in sorted(sources):
+        if source in WEIGHT_SOURCES or Path(source).suffix:
+            load_state_dict(source)
+
+
 def trial_folder_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Path:
-    """Run a search into `folder` and write its report; returns the folder."""
+def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> int:
+    """Run a search into `folder`; returns the number of trials that ended in an error."""
     # Tune's classic progress table shows the hyperparameters beside the MAE.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -510,8 +536,13 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Pat
         raise InputError(f"invalid --searcher '{settings.searcher}'; choose one of: {', '.join(SEARCHERS)}")
     if settings.samples < 1:
         raise InputError(f"invalid --samples {settings.samples}; it must be 1 or more")
+    if settings.cpus_per_trial <= 0:
+        raise InputError(f"invalid --cpus-per-trial {settings.cpus_per_trial}; it must be above 0")
+    if settings.max_failures < 0:
+        raise InputError(f"invalid --max-failures {settings.max_failures}; use 0 or more")
     _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
     check_space(space, base)
+    check_inputs(space, base)
     scheduler = build_scheduler(settings, base)
 
     if settings.gpus_per_trial > 0 and not settings.address and torch_cuda_count() == 0:
@@ -525,6 +556,7 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Pat
     if settings.address:
         limit = settings.max_concurrent or 0  # the cluster's resources decide
 
+    searcher = build_searcher(settings, limit)
     folder.mkdir(parents=True, exist_ok=True)
     save_search_file(folder, settings, base)
     start_ray(settings)
@@ -536,36 +568,39 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Pat
                 metric=keys.TUNE_MAE,
                 mode="min",
                 scheduler=scheduler,
-                search_alg=build_searcher(settings, limit),
+                search_alg=searcher,
                 num_samples=settings.samples,
                 trial_dirname_creator=trial_folder_name,
             ),
             run_config=run_config(settings, folder, space),
         )
-        tuner.fit()
+        results = tuner.fit()
     finally:
         if not settings.address:
             ray.shutdown()
-    return folder
+    return results.num_errors
 
 
-def resume_search(folder: Path) -> Path:
-    """Restore an interrupted experiment: unfinished trials continue, errored ones are retried."""
+def resume_search(folder: Path) -> int:
+    """Restore an interrupted experiment: unfinished trials continue, errored ones are retried.
+
+    Returns the number of trials that ended in an error."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     settings, base = load_search_file(folder)
     path = str(folder.resolve()) if not settings.storage else f"{settings.storage.rstrip('/')}/{folder.name}"
     if not tune.Tuner.can_restore(path):
         raise InputError(
-            f"cannot restore {path}: it contains no Tune experiment state; start a new search instead"
+            f"cannot restore {path}: it contains no Tune experiment state; start a new search "
+            "into it with --overwrite"
         )
     start_ray(settings)
     try:
         tuner = tune.Tuner.restore(
             path, trainable=make_trainable(settings, base), resume_unfinished=True, resume_errored=True
         )
-        tuner.fit()
+        results = tuner.fit()
     finally:
         if not settings.address:
             ray.shutdown()
-    return folder
+    return results.num_errors

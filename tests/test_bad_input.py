@@ -124,3 +124,36 @@ def test_gpus_per_trial_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixtur
     error = run_error(["search", "--gpus-per-trial", "0.5", "--output", str(tmp_path / "x")], capsys)
     assert "--gpus-per-trial 0.5 needs a GPU, but this machine has none" in error
     assert not (tmp_path / "x").exists()
+
+
+def test_search_missing_content_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = run_error(
+        ["search", "--content", str(tmp_path / "no-photo.jpg"), "--output", str(tmp_path / "x")], capsys
+    )
+    assert "content image not found" in error
+    assert "no-photo.jpg" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_gpu_accelerator_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    error = run_error(["transfer", "--accelerator", "gpu", "--output", str(tmp_path / "run")], capsys)
+    assert "--accelerator gpu needs a CUDA GPU" in error
+
+
+@pytest.mark.slow
+def test_resume_into_other_run_rejected(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = ["--size", "32", "--steps", "2", "--no-progress", "--data-dir", str(data_dir)]
+    assert main(["transfer", *tiny, "--output", str(tmp_path / "a")]) == 0
+    assert main(["transfer", *tiny, "--output", str(tmp_path / "b")]) == 0
+    before = (tmp_path / "b" / "image.png").read_bytes()
+    error = run_error(
+        ["transfer", "--resume", str(tmp_path / "a"), "--steps", "4", "--output", str(tmp_path / "b"),
+         "--no-progress", "--data-dir", str(data_dir)],
+        capsys,
+    )
+    assert "already contains a run" in error
+    assert (tmp_path / "b" / "image.png").read_bytes() == before

@@ -84,7 +84,7 @@ def test_tutorial_optimisation() -> None:
 
 
 def test_presets_table_names() -> None:
-    assert set(PRESETS) == {"gatys2016", "tutorial"}
+    assert set(PRESETS) == {"gatys2016", "tutorial", "paper-search-best"}
     assert PRESETS["tutorial"] == TUTORIAL
 
 
