@@ -26,11 +26,18 @@ from stylemodule.errors import NonFiniteLossError
 from stylemodule.files import atomic_write_text
 from stylemodule.run import run_transfer
 
+# The tutorial's Adam step, 0.003 in torchvision's normalised units, in the caffe input
+# space (0..255 grey levels): 0.003 * 255 * 0.226, the mean of torchvision's stds.
+TUTORIAL_CAFFE_LR = 0.17
+
 # name -> (description, config). The tutorial runs on the caffe weights because
 # torchvision's weights cannot be downloaded everywhere.
 VARIANTS: dict[str, tuple[str, StyleConfig]] = {
     "gatys2016": ("the paper's settings", GATYS2016),
-    "tutorial": ("tutorial preset, caffe weights", TUTORIAL.replace(weights="caffe")),
+    "tutorial": (
+        "tutorial preset, caffe weights, Adam lr 0.17",
+        TUTORIAL.replace(weights="caffe", lr=TUTORIAL_CAFFE_LR),
+    ),
     "max-pooling": ("gatys2016 with max pooling", GATYS2016.replace(pooling="max")),
     "no-normalisation": ("gatys2016 without the Gatys normalisation", GATYS2016.replace(normalize=False)),
     "content-init": ("gatys2016 starting from the content photo", GATYS2016.replace(init="content")),
