@@ -159,6 +159,12 @@ def run_transfer_command(args: argparse.Namespace) -> int:
     else:
         base = base_config(args)
     config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
+    if resume is not None:
+        done = read_checkpoint(resume).get("global_step", 0)
+        if config.steps <= done:
+            raise InputError(
+                f"checkpoint {resume} is already at step {done}; pass --steps above {done} to continue it"
+            )
 
     if args.output is not None:
         output = args.output
@@ -221,6 +227,7 @@ def run_data_command(args: argparse.Namespace) -> int:
 def search_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "search",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="search hyperparameters with Ray Tune and ASHA",
         description=(
             "Run many style transfer trials with Ray Tune and rank them by MAE against the "

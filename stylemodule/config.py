@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -213,8 +214,8 @@ class StyleConfig:
             _parse_exact_size(self.exact_size)
 
         for name in ("content_weight", "style_weight", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be greater than 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be a finite number greater than 0")
         if self.precision == "16-mixed" and self.optimizer == "lbfgs":
             raise ConfigError(
                 "precision 16-mixed needs a gradient scaler, which L-BFGS cannot use; "
