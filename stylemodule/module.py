@@ -76,8 +76,9 @@ class StyleTransferModule(pl.LightningModule):
         blend = {"noise": 0.0, "content": 1.0, "blend": self.config.init_blend}[self.config.init]
         start = blend * content + (1 - blend) * noise
         image = self.extractor.preprocess(start.unsqueeze(0))
-        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        return image.contiguous(memory_format=memory_format)
+        # The parameter stays contiguous even with channels_last, because L-BFGS flattens
+        # its gradient with view(); compute_losses converts the layout for VGG19.
+        return image.contiguous()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "StyleTransferModule":
         # Device and dtype moves reach the unregistered extractor too.
@@ -124,6 +125,8 @@ class StyleTransferModule(pl.LightningModule):
     def compute_losses(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward pass of `image`; returns every loss term keyed by its metric key."""
         config = self.config
+        if config.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         features = self.extractor(image)
         losses: dict[str, torch.Tensor] = {}
 

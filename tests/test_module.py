@@ -515,3 +515,14 @@ def test_resume_after_stall_clears_stop_reason(
 
     assert record["steps"] == 5
     assert record["stop_reason"] == "max steps"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_channels_last_runs(tiny_config: StyleConfig, tmp_path: Path, optimizer: str) -> None:
+    config = tiny_config.replace(channels_last=True, optimizer=optimizer, lr=1.0, steps=3)
+
+    record = run_transfer(config, tmp_path, progress_bar=False)
+
+    assert record["steps"] == 3
+    assert record["metric/mae"] < 1.0
