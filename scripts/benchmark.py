@@ -22,6 +22,7 @@ from --data-dir, else STYLEMODULE_DATA, else the project's data/ folder.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import importlib.metadata
 import json
@@ -67,9 +68,6 @@ ASHA_STEPS_TARGET = 0.5  # ASHA's total steps / FIFO's total steps
 GPU_TARGET_S = 10.0  # 500 L-BFGS steps at 512 px
 GPU_TARGET_STEPS = 500
 GPU_TARGET_SIZE = 512
-# A step-time target whose runs differ by more than this (range of per-run medians over
-# the median) is reported as inconclusive, because other processes disturbed the runs.
-SPREAD_LIMIT = 0.10
 
 # Option values of a default run and of --quick. An option given on the command line
 # overrides both.
@@ -119,10 +117,10 @@ def make_sync(device: str) -> Callable[[], None]:
 
 
 def step_intervals(ends: Sequence[float], warmup: int) -> list[float]:
-    """Return the seconds of each step after the first `warmup` steps.
+    """Return the seconds of each step after the first `warmup` steps (at least one).
 
-    `ends` are the perf_counter() values at which steps ended. A caller may put the start
-    of step 1 first, and then every interval after the warm-up still covers one step.
+    `ends` holds one perf_counter() value per step, taken when the step ended, so step
+    k + 1 took ends[k] - ends[k - 1].
     """
     return [later - earlier for earlier, later in zip(ends[warmup - 1 :], ends[warmup:])]
 
@@ -215,8 +213,7 @@ def plain_step_times(module: Any, initial: Any, device: str, total_steps: int, s
         total.backward()
         return total
 
-    sync()
-    ends = [time.perf_counter()]
+    ends = []
     for _ in range(total_steps):
         optimizer.step(closure)
         sync()
@@ -242,8 +239,7 @@ def bare_step_times(module: Any, initial: Any, device: str, total_steps: int, sy
     """Time VGG19's forward pass to the loss layers and the backward pass of the features' sum."""
     reset_image(module, initial, device)
     image = module.image.detach().clone().requires_grad_(True)
-    sync()
-    ends = [time.perf_counter()]
+    ends = []
     for _ in range(total_steps):
         image.grad = None
         features = module.extractor(image)
@@ -450,7 +446,7 @@ def worker_search(spec: dict[str, Any]) -> dict[str, Any]:
     folder = Path(spec["folder"])
 
     start = time.perf_counter()
-    run_search(settings, base, folder)
+    errored = run_search(settings, base, folder)
     wall = time.perf_counter() - start
 
     trials = [
@@ -463,7 +459,12 @@ def worker_search(spec: dict[str, Any]) -> dict[str, Any]:
         }
         for row in collect_trials(folder)
     ]
-    return {"scheduler": spec["scheduler"], "wall_s": wall, "trials": trials}
+    return {
+        "scheduler": spec["scheduler"],
+        "wall_s": wall,
+        "errored": errored if isinstance(errored, int) else None,
+        "trials": trials,
+    }
 
 
 def worker_gpu_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -487,13 +488,16 @@ def worker_gpu_run(spec: dict[str, Any]) -> dict[str, Any]:
     lightning_s = timer.stopped - timer.started
     mae = module.evaluate().get(keys.METRIC_MAE)
 
-    ends, _ = plain_step_times(module, initial, device, steps, sync)
+    sync()
+    start = time.perf_counter()
+    plain_step_times(module, initial, device, steps, sync)
+    plain_s = time.perf_counter() - start
     return {
         "steps": steps,
         "size": GPU_TARGET_SIZE,
         "image_shape": list(module.image.shape[-2:]),
         "lightning_s": lightning_s,
-        "plain_s": ends[-1] - ends[0],
+        "plain_s": plain_s,
         "mae": mae,
         "peak_bytes": peak_memory(device),
     }
@@ -655,21 +659,19 @@ def load_text(load: Sequence[float | None]) -> str:
     return ", ".join("n/a" if value is None else f"{value:.2f}" for value in load)
 
 
-def spread(runs: Sequence[Sequence[float]]) -> float | None:
-    """Return the range of the per-run medians relative to the pooled median, or None for one run."""
-    if len(runs) < 2:
-        return None
-    medians = [statistics.median(run) for run in runs]
-    return (max(medians) - min(medians)) / pooled_median(runs)
+def run_ratios(numerators: Sequence[Sequence[float]], denominators: Sequence[Sequence[float]]) -> list[float]:
+    """Return the ratio of the step-time medians of each repeat.
+
+    The runs of one repeat follow each other, so load from other processes disturbs
+    both sides of a ratio alike more often than it does across repeats.
+    """
+    return [statistics.median(top) / statistics.median(bottom) for top, bottom in zip(numerators, denominators)]
 
 
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0%}"
-
-
-def max_spread(*values: float | None) -> str:
-    known = [value for value in values if value is not None]
-    return percent(max(known)) if known else "n/a (one run)"
+def range_text(values: Sequence[float]) -> str:
+    if min(values) == max(values):
+        return ratio(values[0])
+    return f"{ratio(min(values))} to {ratio(max(values))}"
 
 
 # ---------------------------------------------------------------------- summaries
@@ -699,9 +701,8 @@ def summarise_case(case: dict[str, Any], flops: dict[int, tuple[int, int]], ceil
         "plain_over_bare": plain / bare,
         "overhead_min": minimum(case["lightning"]) / minimum(case["plain"]),
         "plain_over_bare_min": minimum(case["plain"]) / minimum(case["bare"]),
-        "spread_plain": spread(case["plain"]),
-        "spread_lightning": spread(case["lightning"]),
-        "spread_bare": spread(case["bare"]),
+        "overhead_runs": run_ratios(case["lightning"], case["plain"]),
+        "plain_over_bare_runs": run_ratios(case["plain"], case["bare"]),
         "step_flops": step_flops,
         "bare_flops": bare_flops,
         "gflops": gflops,
@@ -724,6 +725,9 @@ def summarise_search(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "best_mae": min(best) if best else math.inf,
             "best_final_mae": min(final) if final else math.inf,
             "configs": sorted(json.dumps(t["params"], sort_keys=True) for t in trials),
+            "steps_per_trial": sorted((t["steps"] for t in trials), reverse=True),
+            "stop_reasons": collections.Counter(t["stop_reason"] for t in trials),
+            "errored": result["errored"],
             "load": result["load"],
         }
     asha, fifo = rows["asha"], rows["fifo"]
@@ -740,12 +744,17 @@ def verdict(met: bool) -> str:
     return "MET" if met else "MISSED"
 
 
-def timing_verdict(met: bool, *spreads: float | None) -> str:
-    """Return MET or MISSED, or inconclusive when the runs behind the numbers disagree."""
-    known = [value for value in spreads if value is not None]
-    if known and max(known) > SPREAD_LIMIT:
-        return f"inconclusive (spread {max(known):.0%} > {SPREAD_LIMIT:.0%})"
-    return verdict(met)
+def timing_verdict(run_values: Sequence[float], limit: float) -> str:
+    """Return MET when every repeat's ratio is at most `limit`, MISSED when every one exceeds it.
+
+    When the repeats fall on both sides of the limit, load from other processes decides
+    the outcome, and the verdict is inconclusive.
+    """
+    if max(run_values) <= limit:
+        return "MET"
+    if min(run_values) > limit:
+        return "MISSED"
+    return "inconclusive: the repeats fall on both sides of the limit"
 
 
 def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -767,10 +776,9 @@ def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
         else:
             measured = (
                 f"{case['overhead']:.3f} ({ms(case['lightning_s'])} ms / {ms(case['plain_s'])} ms); "
-                f"minimums {case['overhead_min']:.3f}; spread {max_spread(case['spread_lightning'], case['spread_plain'])}"
+                f"repeats {range_text(case['overhead_runs'])}; minimums {case['overhead_min']:.3f}"
             )
-            met = case["overhead"] <= OVERHEAD_TARGET
-            rows.append((target, measured, timing_verdict(met, case["spread_lightning"], case["spread_plain"])))
+            rows.append((target, measured, timing_verdict(case["overhead_runs"], OVERHEAD_TARGET)))
 
     for case in cases:
         target = (
@@ -779,10 +787,9 @@ def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
         measured = (
             f"{case['plain_over_bare']:.3f} ({ms(case['plain_s'])} ms / {ms(case['bare_s'])} ms); "
-            f"minimums {case['plain_over_bare_min']:.3f}; spread {max_spread(case['spread_plain'], case['spread_bare'])}"
+            f"repeats {range_text(case['plain_over_bare_runs'])}; minimums {case['plain_over_bare_min']:.3f}"
         )
-        met = case["plain_over_bare"] <= PLAIN_TARGET
-        rows.append((target, measured, timing_verdict(met, case["spread_plain"], case["spread_bare"])))
+        rows.append((target, measured, timing_verdict(case["plain_over_bare_runs"], PLAIN_TARGET)))
 
     search = run["search"]
     mae_target = f"ASHA's best MAE within {100 * (ASHA_MAE_TARGET - 1):.0f}% of FIFO's (same sampled configurations)"
@@ -825,18 +832,17 @@ def evaluate_targets(run: dict[str, Any]) -> list[tuple[str, str, str]]:
 def step_time_section(run: dict[str, Any]) -> list[str]:
     options = run["options"]
     header = [
-        "size", "image", "optimizer", "Lightning (ms/step)", "plain loop (ms/step)", "Lightning / plain",
-        "Lightning - plain (ms)", "bare fwd+bwd (ms)", "plain / bare", "same ratios of minimums",
-        "spread Lightning, plain, bare", "load average at start, end",
+        "size", "image", "optimizer", "Lightning (ms/step)", "plain loop (ms/step)", "Lightning - plain (ms)",
+        "Lightning / plain", "repeats", "bare fwd+bwd (ms)", "plain / bare", "repeats",
+        "both ratios from minimums", "load average at start, end",
     ]  # fmt: skip
     rows = [
         [
             case["size"], case["image"], OPTIMIZER_NAMES[case["optimizer"]], ms(case["lightning_s"]),
-            ms(case["plain_s"]), ratio(case["overhead"]), ms(case["lightning_s"] - case["plain_s"]),
-            ms(case["bare_s"]), ratio(case["plain_over_bare"]),
-            f"{ratio(case['overhead_min'])}, {ratio(case['plain_over_bare_min'])}",
-            ", ".join(percent(case[key]) for key in ("spread_lightning", "spread_plain", "spread_bare")),
-            load_text(case["load"]),
+            ms(case["plain_s"]), ms(case["lightning_s"] - case["plain_s"]), ratio(case["overhead"]),
+            range_text(case["overhead_runs"]), ms(case["bare_s"]), ratio(case["plain_over_bare"]),
+            range_text(case["plain_over_bare_runs"]),
+            f"{ratio(case['overhead_min'])}, {ratio(case['plain_over_bare_min'])}", load_text(case["load"]),
         ]  # fmt: skip
         for case in run["cases"]
     ]
@@ -859,12 +865,13 @@ def step_time_section(run: dict[str, Any]) -> list[str]:
         "- bare fwd+bwd: `module.extractor(image)` to the loss layers, the features summed, "
         "`backward()`; no losses and no optimiser. Each run has one warm-up pass, because it "
         "follows the plain and Lightning runs in the same process.",
-        "- same ratios of minimums: Lightning / plain and plain / bare from the fastest timed step "
-        "of each kind. Other processes only ever add time, so the minimums are the least disturbed "
-        "steps; the targets below use the medians.",
-        "- spread: the range of the per-run medians divided by the median. The three kinds of run "
-        "alternate within each repeat, so load from other processes falls on all three, but a "
-        "spread above a few percent means the load changed during the case.",
+        "- The ratios use the medians of all timed steps. repeats: the lowest and highest ratio of "
+        "the per-run medians within one repeat, in which the three kinds of run follow each other. "
+        "A target is MET when every repeat meets it, MISSED when none does, and inconclusive "
+        "otherwise.",
+        "- both ratios from minimums: Lightning / plain and plain / bare from the fastest timed "
+        "step of each kind. Other processes only ever add time, so the minimums are the least "
+        "disturbed steps.",
         "- load average: the 1-minute load average when the case's subprocess started and ended.",
         "",
     ]
@@ -977,13 +984,15 @@ def search_section(run: dict[str, Any]) -> list[str]:
     if search is None:
         return [*lines, "Not measured: the run used --skip-search.", ""]
     header = [
-        "scheduler", "trials", "stopped early", "total steps", "wall time (s)", "best MAE", "best final MAE",
-        "load average at start, end",
+        "scheduler", "trials", "errored", "stopped early", "steps per trial", "total steps", "wall time (s)",
+        "best MAE", "best final MAE", "load average at start, end",
     ]  # fmt: skip
     rows = [
         [
-            scheduler.upper(), row["trials"], row["stopped_early"], row["total_steps"], f"{row['wall_s']:.0f}",
-            mae_text(row["best_mae"]), mae_text(row["best_final_mae"]), load_text(row["load"]),
+            scheduler.upper(), row["trials"], "n/a" if row["errored"] is None else row["errored"],
+            row["stopped_early"], " ".join(str(steps) for steps in row["steps_per_trial"]), row["total_steps"],
+            f"{row['wall_s']:.0f}", mae_text(row["best_mae"]), mae_text(row["best_final_mae"]),
+            load_text(row["load"]),
         ]  # fmt: skip
         for scheduler, row in search["rows"].items()
     ]
@@ -1001,9 +1010,18 @@ def search_section(run: dict[str, Any]) -> list[str]:
         *table(header, rows),
         "",
         f"- Both searches ran the same sampled configurations: {'yes' if search['same_configs'] else 'no'}.",
+        *(
+            f"- Stop reasons under {scheduler.upper()}: "
+            + ", ".join(f"{reason} ({count})" for reason, count in sorted(row["stop_reasons"].items()))
+            + "."
+            for scheduler, row in search["rows"].items()
+        ),
         f"- ASHA / FIFO: {search['steps_ratio']:.3f} of the steps, {search['wall_ratio']:.3f} of the "
         f"wall time, best MAE ratio {search['mae_ratio']:.3f}. Wall time includes starting Ray and "
         "each trial's start-up (loading VGG19 and computing the targets), which steps do not count.",
+        "- ASHA decides at each rung from the trials that have reached it so far, and trials run "
+        "concurrently, so which trials it stops, and the total steps, can change from run to run "
+        "with the order in which trials report.",
         "",
     ]
 

@@ -3,11 +3,13 @@ page, and the error for --device cuda on a machine without CUDA."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,6 +24,17 @@ SECTIONS = (
     "## GPU: 500 L-BFGS steps at 512 px",
     "## Targets",
 )
+
+
+def load_script() -> ModuleType:
+    """Import scripts/benchmark.py as a module, for its pure helper functions."""
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_script()
 
 
 def run_script(*args: str, data_dir: Path | None = None, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -84,8 +97,8 @@ def test_quick_run_records_run(quick_run: tuple[subprocess.CompletedProcess[str]
 def test_quick_run_step_times(quick_run: tuple[subprocess.CompletedProcess[str], str], optimizer: str) -> None:
     _, document = quick_run
     cells = table_row(document, f"32 | 32x24 | {optimizer}")
-    lightning_ms, plain_ms, overhead = float(cells[3]), float(cells[4]), float(cells[5])
-    bare_ms, plain_over_bare = float(cells[7]), float(cells[8])
+    lightning_ms, plain_ms, overhead = float(cells[3]), float(cells[4]), float(cells[6])
+    bare_ms, plain_over_bare = float(cells[8]), float(cells[9])
     assert lightning_ms > 0
     assert plain_ms > 0
     assert bare_ms > 0
@@ -138,3 +151,28 @@ def test_cuda_without_gpu_rejected(tmp_path: Path) -> None:
     assert "--device cuda needs a CUDA GPU" in completed.stderr
     assert "use --device cpu" in completed.stderr
     assert not output.exists()
+
+
+def test_step_intervals_skip_warmup() -> None:
+    ends = [10.0, 11.0, 13.0, 16.0, 20.0]
+    assert benchmark.step_intervals(ends, 1) == [1.0, 2.0, 3.0, 4.0]
+    assert benchmark.step_intervals(ends, 3) == [3.0, 4.0]
+
+
+def test_run_ratios_pair_repeats() -> None:
+    lightning = [[1.1, 1.0, 1.2], [2.2, 2.0, 2.4]]
+    plain = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    assert benchmark.run_ratios(lightning, plain) == pytest.approx([1.1, 1.1])
+
+
+@pytest.mark.parametrize(
+    ("run_values", "expected"),
+    [
+        ([1.00, 1.04], "MET"),
+        ([1.06, 1.20], "MISSED"),
+        ([1.02, 1.07], "inconclusive: the repeats fall on both sides of the limit"),
+        ([1.05], "MET"),
+    ],
+)
+def test_timing_verdict_cases(run_values: list[float], expected: str) -> None:
+    assert benchmark.timing_verdict(run_values, 1.05) == expected
