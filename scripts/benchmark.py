@@ -1019,9 +1019,9 @@ def search_section(run: dict[str, Any]) -> list[str]:
         f"- ASHA / FIFO: {search['steps_ratio']:.3f} of the steps, {search['wall_ratio']:.3f} of the "
         f"wall time, best MAE ratio {search['mae_ratio']:.3f}. Wall time includes starting Ray and "
         "each trial's start-up (loading VGG19 and computing the targets), which steps do not count.",
-        "- ASHA decides at each rung from the trials that have reached it so far, and trials run "
-        "concurrently, so which trials it stops, and the total steps, can change from run to run "
-        "with the order in which trials report.",
+        "- ASHA decides at each rung from the trials that have reached it so far. Trials run "
+        "concurrently, so the trials it stops and the total steps can change from run to run with "
+        "the order in which trials report.",
         "",
     ]
 
