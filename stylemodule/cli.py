@@ -147,20 +147,35 @@ def resolve_resume(path: Path) -> Path:
     return path
 
 
+def check_resume_size(resume: Path, checkpoint: dict[str, Any], config: StyleConfig) -> None:
+    """Reject size settings that differ from the checkpoint's before anything else is checked."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    image = checkpoint.get("state_dict", {}).get("image")
+    for name in ("size", "exact_size", "style_size"):
+        if name in hparams and hparams[name] != getattr(config, name) and image is not None:
+            raise InputError(
+                f"checkpoint {resume} contains a {image.shape[-1]}x{image.shape[-2]} image made with "
+                f"{name}={hparams[name]}, but this run asks for {name}={getattr(config, name)}; "
+                "resume with the checkpoint's size settings, or start a new run"
+            )
+
+
 def run_transfer_command(args: argparse.Namespace) -> int:
     from stylemodule.data import resolve_data_dir
     from stylemodule.run import read_checkpoint, run_transfer
 
     resume = resolve_resume(args.resume) if args.resume else None
-    if resume is not None and not args.config:
+    checkpoint = read_checkpoint(resume) if resume is not None else {}
+    hparams = checkpoint.get("hyper_parameters", {})
+    if resume is not None and not args.config and hparams:
         # The checkpoint's own config is the base, so `--resume CKPT --steps N` extends it.
-        hparams = read_checkpoint(resume).get("hyper_parameters", {})
-        base = StyleConfig.from_dict(hparams) if hparams else base_config(args)
+        base = StyleConfig.from_dict(hparams)
     else:
         base = base_config(args)
     config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
     if resume is not None:
-        done = read_checkpoint(resume).get("global_step", 0)
+        check_resume_size(resume, checkpoint, config)
+        done = checkpoint.get("global_step", 0)
         if config.steps <= done:
             raise InputError(
                 f"checkpoint {resume} is already at step {done}; pass --steps above {done} to continue it"

@@ -18,6 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stylemodule import keys
 from stylemodule.cli import EXIT_BAD_INPUT, main
 
+from conftest import next_event_file_second
+
 STEPS = 4
 
 
@@ -158,6 +160,7 @@ def test_resume_continues_in_same_folder(
     output = tmp_path / "run"
     assert main(transfer_args(output, data_dir, "--log-every", "1")) == 0
     monkeypatch.chdir(tmp_path)  # a wrong default --output would land here
+    next_event_file_second()
 
     exit_code = main(
         ["transfer", "--resume", str(output / "checkpoints" / "last.ckpt"), "--steps", "6", "--no-progress",
@@ -237,20 +240,23 @@ def test_unknown_config_key(tmp_path: Path, data_dir: Path, capsys: pytest.Captu
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("steps", [[], ["--steps", "8"]], ids=["checkpoint-steps", "more-steps"])
 def test_resume_other_size_rejected(
-    run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], steps: list[str]
 ) -> None:
     output = tmp_path / "bigger"
 
     exit_code = main(
-        ["transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), "--size", "48",
+        ["transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), "--size", "48", *steps,
          "--output", str(output), "--no-progress", "--data-dir", str(data_dir)]
     )  # fmt: skip
 
+    # The size mismatch is named first: asking for more steps would not fix it.
     assert exit_code == EXIT_BAD_INPUT
     error = capsys.readouterr().err
     assert "32x24" in error
-    assert "48x36" in error
+    assert "size=48" in error
+    assert "--steps" not in error
     assert not (output / "config.yaml").exists()
 
 
