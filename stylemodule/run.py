@@ -25,7 +25,14 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from stylemodule.callbacks import AtomicCheckpointIO, ImageLogger, RunCheckpoint, StallMonitor, StepProgressBar
+from stylemodule.callbacks import (
+    AtomicCheckpointIO,
+    FinalMetrics,
+    ImageLogger,
+    RunCheckpoint,
+    StallMonitor,
+    StepProgressBar,
+)
 from stylemodule.config import StyleConfig, save_yaml
 from stylemodule.errors import CheckpointError, ConfigError, ImageError, NonFiniteLossError
 from stylemodule.files import atomic_write_text
@@ -113,6 +120,7 @@ def make_trainer(
     all_callbacks: list[Callback] = [
         ImageLogger(config.image_every, output_dir / IMAGE_FILE),
         StallMonitor(config.stall_steps),
+        FinalMetrics(),
         *callbacks,
     ]
     if checkpoints:
@@ -170,6 +178,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file raises many types
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    for callback in trainer.callbacks:
+        if isinstance(callback, FinalMetrics):
+            return callback.metrics
+    return {}
 
 
 def stall_step(trainer: pl.Trainer) -> int | None:
@@ -244,7 +259,7 @@ def run_transfer(
 def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Path) -> dict[str, Any]:
     """Write the final image, metrics.json and TensorBoard hparams with the final metrics."""
     save_png(module.generated_rgb()[0].cpu(), output_dir / IMAGE_FILE)
-    metrics = module.evaluate()
+    metrics = final_metrics(trainer)
     stalled = stall_step(trainer)
     record = {
         "steps": trainer.global_step,
@@ -253,9 +268,4 @@ def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Pat
         **metrics,
     }
     atomic_write_text(output_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
-    if trainer.logger is not None:
-        # Logged at the final step, because Lightning's default, step 0, would put the final
-        # metrics at the start of their TensorBoard curves.
-        trainer.logger.log_hyperparams(module.hparams, dict(metrics), step=trainer.global_step)
-        trainer.logger.finalize("success")
     return record

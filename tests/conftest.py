@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ from stylemodule.data import DATA_ENV, resolve_data_dir
 CONTENT = "Tuebingen_Neckarfront_gatys_paper_002.jpg"
 STYLE = "Van_Gogh_Starry_Night_gatys_paper_004.jpg"
 REFERENCE = "Van_Gogh_true_target_gatys_paper_021.jpg"
+
+
+def next_event_file_second() -> None:
+    """Sleep until the clock's second changes before a second fit in the same process.
+
+    TensorBoard reads a folder's event files in name order. A name starts with the second
+    the file was opened, then the process id and a per-process counter, so two fits in
+    one process within one second can sort wrongly (counter 10 before 9). A command line
+    run fits once per process and never meets this.
+    """
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
 @pytest.fixture(scope="session")

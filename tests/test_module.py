@@ -22,6 +22,8 @@ from stylemodule.images import to_uint8
 from stylemodule.module import StyleTransferModule
 from stylemodule.run import build_module, load_inputs, make_trainer, run_transfer
 
+from conftest import next_event_file_second
+
 # The content photo is 4:3, so size 32 gives a 32x24 image and size 48 a 48x36 one.
 HEIGHT, WIDTH = 24, 32
 # Run B stops after this many steps and resumes. Run A runs twice as many without a break.
@@ -325,12 +327,16 @@ def test_resume_tensorboard_continuous(
 ) -> None:
     resumed = tmp_path / "resumed"
     run_transfer(resume_config(data_dir, optimizer, RESUME_STEPS), resumed, progress_bar=False)
+    next_event_file_second()
     run_transfer(
         resume_config(data_dir, optimizer, 2 * RESUME_STEPS),
         resumed,
         resume=resumed / "checkpoints" / "last.ckpt",
         progress_bar=False,
     )
+    # One event file per fit: final metrics written to a second file could be read first.
+    assert len(list((full_runs[optimizer] / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((resumed / "tensorboard").glob("events.out.tfevents.*"))) == 2
     full_events, resumed_events = event_accumulator(full_runs[optimizer]), event_accumulator(resumed)
     all_steps = list(range(2 * RESUME_STEPS))
 
@@ -359,6 +365,7 @@ def test_resume_after_run_between_checkpoints(data_dir: Path, tmp_path: Path, fu
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert load_checkpoint(last)["global_step"] == stop
 
+    next_event_file_second()
     run_transfer(resume_config(data_dir, "lbfgs", 2 * RESUME_STEPS), tmp_path, resume=last, progress_bar=False)
 
     torch.testing.assert_close(saved_image(tmp_path), saved_image(full_runs["lbfgs"]), atol=1e-5, rtol=0)
