@@ -128,8 +128,10 @@ class StyleConfig:
 
     # Logging, checkpoints and hardware.
     log_every: int = _setting(10, "write the losses to TensorBoard every N steps")
-    eval_every: int = _setting(50, "compute metric/mae, SSIM and PSNR every N steps")
-    image_every: int = _setting(100, "log the generated image to TensorBoard every N steps")
+    eval_every: int = _setting(50, "compute metric/mae every N steps")
+    image_every: int = _setting(
+        100, "log the generated image, SSIM and PSNR to TensorBoard every N steps (at evaluations)"
+    )
     checkpoint_every: int = _setting(100, "save a checkpoint every N steps")
     keep_checkpoints: int = _setting(
         2, "number of step checkpoints to keep besides last.ckpt (-1 keeps all)"

@@ -12,17 +12,17 @@ METRIC_MAE = "metric/mae"
 METRIC_SSIM = "metric/ssim"
 METRIC_PSNR = "metric/psnr"
 
-# Ray Tune's names for the values reported from each trial.
+# Ray Tune's names for the values reported from each trial: these at every evaluation,
+# and SSIM and PSNR too at the end (evaluations compute them only on image steps).
 TUNE_MAE = "mae"
 TUNE_STEP = "step"
 TUNE_REPORTED = {
     TUNE_MAE: METRIC_MAE,
-    "ssim": METRIC_SSIM,
-    "psnr": METRIC_PSNR,
     "loss": LOSS_TOTAL,
     "content_loss": LOSS_CONTENT,
     "style_loss": LOSS_STYLE,
 }
+TUNE_FINAL = {**TUNE_REPORTED, "ssim": METRIC_SSIM, "psnr": METRIC_PSNR}
 
 
 def style_layer_loss(layer: str) -> str:

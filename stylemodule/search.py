@@ -233,7 +233,7 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
 class StepReportCallback(TuneReportCheckpointCallback):
     """Tune's Lightning callback, reporting the optimisation step that ASHA counts in.
 
-    Metrics go to Tune at every evaluation, but a checkpoint only every
+    `keys.TUNE_REPORTED` go to Tune at every evaluation, but a checkpoint only every
     `checkpoint_every` steps and at the last step, because an L-BFGS checkpoint holds
     the whole history (29 MB at 128x96 pixels with 100 entries).
     """
@@ -244,9 +244,12 @@ class StepReportCallback(TuneReportCheckpointCallback):
         self.max_steps = max_steps
 
     def _get_report_dict(self, trainer: Any, pl_module: Any) -> dict[str, Any] | None:
-        report = super()._get_report_dict(trainer, pl_module)
-        if report:
-            report[keys.TUNE_STEP] = trainer.global_step
+        # SSIM and PSNR only where this evaluation computed them: the callback metrics
+        # keep the values of an earlier evaluation. (Tune's hooks pass pl_module as None.)
+        names = keys.TUNE_FINAL if trainer.lightning_module.image_quality_due() else keys.TUNE_REPORTED
+        metrics = trainer.callback_metrics
+        report = {name: float(metrics[key]) for name, key in names.items() if key in metrics}
+        report[keys.TUNE_STEP] = trainer.global_step
         return report
 
     @contextlib.contextmanager
@@ -283,7 +286,6 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     report = StepReportCallback(
         config.checkpoint_every,
         config.steps,
-        metrics=keys.TUNE_REPORTED,
         filename=TRIAL_CHECKPOINT,
         on="validation_end",
     )
@@ -301,7 +303,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
             }
         )
         return
-    final = {name: record[metric] for name, metric in keys.TUNE_REPORTED.items() if metric in record}
+    final = {name: record[metric] for name, metric in keys.TUNE_FINAL.items() if metric in record}
     final.setdefault(keys.TUNE_MAE, WORST_MAE if config.reference else float("nan"))
     tune.report({**final, keys.TUNE_STEP: record["steps"], "stop_reason": record["stop_reason"]})
 

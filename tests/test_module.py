@@ -248,6 +248,31 @@ def test_logged_keys(fitted: tuple[Any, StyleTransferModule]) -> None:
     assert keys.style_layer_loss("relu5_1") == "loss/style/relu5_1"
 
 
+@pytest.mark.slow
+def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loss terms are logged only where Lightning writes them or an evaluation reports
+    # them; SSIM and PSNR only at evaluations on image steps and at the end.
+    calls = []
+    log_dict = StyleTransferModule.log_dict
+    monkeypatch.setattr(
+        StyleTransferModule, "log_dict", lambda self, values, **kw: (calls.append(sorted(values)), log_dict(self, values, **kw))
+    )
+    run_transfer(small_config(data_dir, steps=8, eval_every=2, image_every=4, log_every=3), tmp_path, progress_bar=False)
+    events = event_accumulator(tmp_path)
+
+    loss_steps = scalar_steps(events, keys.LOSS_TOTAL)
+    assert len(loss_steps) == 2
+    for layer in ("relu1_1", "relu5_1"):
+        assert scalar_steps(events, keys.style_layer_loss(layer)) == loss_steps
+    assert scalar_steps(events, keys.LOSS_CONTENT) == loss_steps
+    # Training steps 2, 3, 4, 6, 8 (eval or log steps) log their terms; 1, 5 and 7 do not.
+    assert sum(keys.LOSS_CONTENT in logged for logged in calls) == 5
+    mae_steps = scalar_steps(events, keys.METRIC_MAE)
+    assert len(mae_steps) == 5  # 4 evaluations and the final metrics
+    for key in (keys.METRIC_SSIM, keys.METRIC_PSNR):
+        assert scalar_steps(events, key) == [mae_steps[1], mae_steps[3], mae_steps[4]]
+
+
 # ---------------------------------------------------------------------- MAE
 
 

@@ -142,6 +142,11 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
     for trial in trials:
         rows = result_rows(trial)
         assert all(isinstance(row[keys.TUNE_MAE], float) for row in rows)
+        finite = [row for row in rows if "non-finite" not in row.get("stop_reason", "")]
+        assert all(set(keys.TUNE_REPORTED) <= set(row) for row in finite)
+        if finite and finite[-1][keys.TUNE_STEP] == 12:
+            # The final report adds SSIM and PSNR, which evaluations compute only on image steps.
+            assert set(keys.TUNE_FINAL) <= set(finite[-1])
         assert {row["node_ip"] for row in rows} == {"127.0.0.1"}
         assert (trial / "image.png").is_file()
         assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
