@@ -213,8 +213,12 @@ class StyleTransferModule(pl.LightningModule):
         if self.reference is None:
             return
         values = self._measure(image_quality=self.image_quality_due())
-        self.log(keys.METRIC_MAE, values.pop(keys.METRIC_MAE), prog_bar=True, batch_size=1)
-        self.log_dict(values, batch_size=1)
+        # Lightning would log an evaluation inside training at the step before the one the
+        # image has reached; the logger gets the image's step, like the image logs.
+        if self.logger is not None:
+            self.logger.log_metrics({key: float(value) for key, value in values.items()}, step=self.global_step)
+        self.log(keys.METRIC_MAE, values.pop(keys.METRIC_MAE), prog_bar=True, logger=False, batch_size=1)
+        self.log_dict(values, logger=False, batch_size=1)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -267,10 +267,11 @@ def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert scalar_steps(events, keys.LOSS_CONTENT) == loss_steps
     # Training steps 2, 3, 4, 6, 8 (eval or log steps) log their terms; 1, 5 and 7 do not.
     assert sum(keys.LOSS_CONTENT in logged for logged in calls) == 5
-    mae_steps = scalar_steps(events, keys.METRIC_MAE)
-    assert len(mae_steps) == 5  # 4 evaluations and the final metrics
+    # 4 evaluations and the final metrics, at the steps the image had reached.
+    assert scalar_steps(events, keys.METRIC_MAE) == [2, 4, 6, 8, 8]
     for key in (keys.METRIC_SSIM, keys.METRIC_PSNR):
-        assert scalar_steps(events, key) == [mae_steps[1], mae_steps[3], mae_steps[4]]
+        assert scalar_steps(events, key) == [4, 8, 8]
+    assert image_steps(events, "image/generated") == [0, 4, 8]
 
 
 # ---------------------------------------------------------------------- MAE
@@ -370,12 +371,15 @@ def test_resume_tensorboard_continuous(
     full_losses = [event.value for event in full_events.Scalars(keys.LOSS_TOTAL)]
     resumed_losses = [event.value for event in resumed_events.Scalars(keys.LOSS_TOTAL)]
     np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-5)
-    # The final metrics go to TensorBoard at the final step, after the evaluations, not
-    # back at step 0.
+    # Evaluations go to TensorBoard at the step the image has reached, as the images do,
+    # and the final metrics at the final step, not back at step 0.
     for events in (full_events, resumed_events):
         mae_steps = scalar_steps(events, keys.METRIC_MAE)
-        assert mae_steps == sorted(set(mae_steps))
-        assert mae_steps[-1] == 2 * RESUME_STEPS
+        assert mae_steps == sorted(mae_steps)
+        assert sorted(set(mae_steps)) == [RESUME_STEPS, 2 * RESUME_STEPS]
+        mae_by_step = {event.step: event.value for event in events.Scalars(keys.METRIC_MAE)}
+        full_mae_by_step = {event.step: event.value for event in full_events.Scalars(keys.METRIC_MAE)}
+        assert mae_by_step == pytest.approx(full_mae_by_step, rel=1e-4)
     # The resumed run logs neither its inputs nor its restored image a second time.
     assert image_steps(resumed_events, "input/content") == [0]
     assert image_steps(resumed_events, "image/generated") == image_steps(full_events, "image/generated")
