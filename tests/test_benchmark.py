@@ -97,8 +97,9 @@ def test_quick_run_records_run(quick_run: tuple[subprocess.CompletedProcess[str]
 def test_quick_run_step_times(quick_run: tuple[subprocess.CompletedProcess[str], str], optimizer: str) -> None:
     _, document = quick_run
     cells = table_row(document, f"32 | 32x24 | {optimizer}")
-    lightning_ms, plain_ms, overhead = float(cells[3]), float(cells[4]), float(cells[6])
-    bare_ms, plain_over_bare = float(cells[8]), float(cells[9])
+    assert cells[3] == "1"  # runs: --quick makes one
+    lightning_ms, plain_ms, overhead = float(cells[4]), float(cells[5]), float(cells[7])
+    bare_ms, plain_over_bare = float(cells[9]), float(cells[10])
     assert lightning_ms > 0
     assert plain_ms > 0
     assert bare_ms > 0
@@ -170,9 +171,17 @@ def test_run_ratios_pair_repeats() -> None:
     [
         ([1.00, 1.04], "MET"),
         ([1.06, 1.20], "MISSED"),
-        ([1.02, 1.07], "inconclusive: the repeats fall on both sides of the limit"),
+        ([1.01, 1.02, 1.07], "MET (1 of 3 repeats above the limit)"),
+        ([1.04, 1.06, 1.07], "MISSED (1 of 3 repeats within the limit)"),
         ([1.05], "MET"),
     ],
 )
 def test_timing_verdict_cases(run_values: list[float], expected: str) -> None:
     assert benchmark.timing_verdict(run_values, 1.05) == expected
+
+
+def test_repeats_by_size_and_device() -> None:
+    cpu = {"repeats": None, "device": "cpu"}
+    assert [benchmark.repeats_for(cpu, size) for size in (128, 256, 512)] == [3, 3, 1]
+    assert benchmark.repeats_for({"repeats": None, "device": "cuda"}, 512) == 3
+    assert benchmark.repeats_for({"repeats": 2, "device": "cpu"}, 512) == 2
