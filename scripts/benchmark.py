@@ -748,8 +748,8 @@ def verdict(met: bool) -> str:
 def timing_verdict(run_values: Sequence[float], limit: float) -> str:
     """Return MET when the median of the repeats' ratios is at most `limit`, else MISSED.
 
-    The median leaves out a repeat that load from other processes disturbed; the
-    verdict says how many repeats fall on the other side of the limit.
+    The median leaves out a repeat that load from other processes disturbed. The
+    verdict counts the repeats that fall on the other side of the limit.
     """
     met = statistics.median(run_values) <= limit
     others = sum(1 for value in run_values if (value <= limit) != met)
@@ -1095,10 +1095,10 @@ def render(run: dict[str, Any]) -> str:
 
 
 def repeats_for(options: dict[str, Any], size: int) -> int:
-    """Runs per case: --repeats, else 3, but 1 above 256 px on the CPU.
+    """Return the runs per case: --repeats, else 3, but 1 above 256 px on the CPU.
 
-    One 512 px step takes about 2 s on a 2-core CPU, so three repeats there would
-    triple the longest part of the run; the overhead target is checked at 256 px.
+    A 512 px step takes seconds on a CPU, so three repeats there would triple the
+    longest part of the run. The overhead target is checked at 256 px.
     """
     if options["repeats"] is not None:
         return options["repeats"]

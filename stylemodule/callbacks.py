@@ -127,8 +127,8 @@ class FinalMetrics(Callback):
     """Evaluate the final image once and log the metrics with the hyperparameters.
 
     This runs in `on_fit_end`, before the Trainer closes its logger, so the final metrics
-    go to the run's own event file. Logged after the close, they would open a second file,
-    and TensorBoard, which reads a folder's files in name order, can then read them first.
+    go to the run's own event file. Logged after the close, they would open a second file.
+    TensorBoard reads a folder's files in name order and can then read that file first.
     """
 
     def __init__(self) -> None:
@@ -137,8 +137,8 @@ class FinalMetrics(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.metrics = pl_module.evaluate()
         if trainer.logger is not None:
-            # At the final step: Lightning's default, step 0, would put the final metrics at
-            # the start of their curves.
+            # Logged at the final step, because Lightning's default, step 0, would put the
+            # final metrics at the start of their curves.
             trainer.logger.log_hyperparams(pl_module.hparams, dict(self.metrics), step=trainer.global_step)
 
 

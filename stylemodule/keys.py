@@ -12,8 +12,8 @@ METRIC_MAE = "metric/mae"
 METRIC_SSIM = "metric/ssim"
 METRIC_PSNR = "metric/psnr"
 
-# Ray Tune's names for the values reported from each trial: these at every evaluation,
-# and SSIM and PSNR too at the end (evaluations compute them only on image steps).
+# Ray Tune's names for the values each trial reports at every evaluation. Evaluations on
+# image steps and the trial's final report add SSIM and PSNR (TUNE_FINAL).
 TUNE_MAE = "mae"
 TUNE_STEP = "step"
 TUNE_REPORTED = {

@@ -244,8 +244,9 @@ class StepReportCallback(TuneReportCheckpointCallback):
         self.max_steps = max_steps
 
     def _get_report_dict(self, trainer: Any, pl_module: Any) -> dict[str, Any] | None:
-        # SSIM and PSNR only where this evaluation computed them: the callback metrics
-        # keep the values of an earlier evaluation. (Tune's hooks pass pl_module as None.)
+        # SSIM and PSNR go only with the evaluations that computed them, because the
+        # callback metrics keep an earlier evaluation's values. Tune's hooks pass
+        # pl_module as None, so the module comes from the trainer.
         names = keys.TUNE_FINAL if trainer.lightning_module.image_quality_due() else keys.TUNE_REPORTED
         metrics = trainer.callback_metrics
         report = {name: float(metrics[key]) for name, key in names.items() if key in metrics}
