@@ -272,7 +272,27 @@ def search_parser(subparsers: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an experiment already in --output")
     add_data_dir_option(parser)
     add_config_options(parser)
-    parser.set_defaults(handler=run_search_command)
+    parser.set_defaults(handler=run_search_command, defaults_of=parser.get_default)
+
+
+def check_resume_alone(args: argparse.Namespace) -> None:
+    """Reject options set to non-default values with `search --resume`.
+
+    A restored experiment runs with the settings saved in its folder, so other options
+    would be ignored without a word.
+    """
+    given = [
+        "--" + name.replace("_", "-")
+        for name, value in vars(args).items()
+        if name not in ("command", "handler", "defaults_of", "resume") and value != args.defaults_of(name)
+    ]
+    if given:
+        raise InputError(
+            f"search --resume restores {args.resume} with the settings saved in its "
+            f"search.yaml, so it takes no other options, but {', '.join(given)} "
+            f"{'was' if len(given) == 1 else 'were'} given; "
+            "drop them, or start a new search with another --output"
+        )
 
 
 def run_search_command(args: argparse.Namespace) -> int:
@@ -281,6 +301,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     from stylemodule.report import write_report
 
     if args.resume is not None:
+        check_resume_alone(args)
         folder = args.resume
         errors = search.resume_search(folder)
     else:

@@ -125,6 +125,24 @@ def test_resume_rejects_folder_without_search(tmp_path: Path, capsys: pytest.Cap
     assert "search.yaml is missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--samples", "3"], "--samples was given"),
+        (["--size", "32", "--scheduler", "fifo"], "--scheduler, --size were given"),
+        (["--data-dir", "elsewhere"], "--data-dir was given"),
+    ],
+)
+def test_resume_rejects_other_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], named: str
+) -> None:
+    # Checked before the folder is read: the options would be ignored, not applied.
+    assert main(["search", "--resume", str(tmp_path), *options]) == 2
+    error = capsys.readouterr().err
+    assert named in error
+    assert "search.yaml is missing" not in error
+
+
 # ---------------------------------------------------------------------- real Ray
 
 
