@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from stylemodule import __version__
-from stylemodule.errors import DataError
+from stylemodule.errors import DataError, DownloadError
 from stylemodule.files import atomic_path
 
 DATA_ENV = "STYLEMODULE_DATA"
@@ -260,7 +260,7 @@ def fetch(
     seconds and applies to the connection and to each read, not to the whole download.
     `progress`, if given, receives one line per file.
 
-    Stops at the first failure and raises DataError. Files fetched before it stay.
+    Stops at the first failure and raises DownloadError. Files fetched before it stay.
     Returns one FileStatus per entry, all of them ok.
     """
     data_dir = Path(data_dir)
@@ -279,9 +279,9 @@ def fetch(
             with atomic_path(path) as temporary:
                 _download(entry, temporary, data_dir, timeout)
         except OSError as error:
-            # Download errors are already DataErrors, so this is the local disk:
+            # Download errors are already DownloadErrors, so this is the local disk:
             # creating the folder, writing the temporary file or renaming it.
-            raise DataError(
+            raise DownloadError(
                 f"cannot write {path}: {error}. Check that the data folder is writable "
                 f"and has free space."
             ) from error
@@ -293,7 +293,7 @@ def fetch(
 
 
 def _download(entry: ManifestEntry, destination: Path, data_dir: Path, timeout: float) -> None:
-    """Download `entry` into `destination` and raise DataError unless it matches the manifest.
+    """Download `entry` into `destination` and raise DownloadError unless it matches the manifest.
 
     Raises OSError only for local write errors.
     """
@@ -319,7 +319,7 @@ def _download(entry: ManifestEntry, destination: Path, data_dir: Path, timeout: 
             received += len(chunk)
             if received > entry.size:
                 # Stop reading, so a wrong URL cannot fill the disk.
-                raise DataError(
+                raise DownloadError(
                     f"download of {entry.name} from {entry.url} does not match the manifest: "
                     f"expected {entry.size} bytes, but the server sent more. The file was not "
                     f"saved. Check the URL in the manifest."
@@ -328,13 +328,13 @@ def _download(entry: ManifestEntry, destination: Path, data_dir: Path, timeout: 
             output.write(chunk)
 
     if received != entry.size:
-        raise DataError(
+        raise DownloadError(
             f"download of {entry.name} from {entry.url} does not match the manifest: "
             f"expected {entry.size} bytes, received {received} (SHA-256 {digest.hexdigest()}). "
             f"The file was not saved. Check the URL in the manifest."
         )
     if digest.hexdigest() != entry.sha256:
-        raise DataError(
+        raise DownloadError(
             f"download of {entry.name} from {entry.url} does not match the manifest: "
             f"expected SHA-256 {entry.sha256}, received {digest.hexdigest()}. "
             f"The file was not saved. The source may have changed, so check the URL "
@@ -344,8 +344,8 @@ def _download(entry: ManifestEntry, destination: Path, data_dir: Path, timeout: 
 
 def _download_error(
     entry: ManifestEntry, data_dir: Path, error: BaseException, timeout: float
-) -> DataError:
-    """Build the DataError for a failed download, with the steps to place the file by hand."""
+) -> DownloadError:
+    """Build the DownloadError for a failed download, with the steps to place the file by hand."""
     if isinstance(error, urllib.error.HTTPError):
         reason = f"HTTP {error.code} {error.reason}"
     elif isinstance(error, TimeoutError) or (
@@ -356,7 +356,7 @@ def _download_error(
         reason = str(error.reason)
     else:
         reason = str(error) or type(error).__name__
-    return DataError(
+    return DownloadError(
         f"download of {entry.name} from {entry.url} failed ({reason}). If this machine is "
         f"offline, copy the file by hand into {data_dir} under the name {entry.name} "
         f"(SHA-256 {entry.sha256}, {entry.size} bytes), then run `stylemodule data verify`."

@@ -26,6 +26,10 @@ class DataError(InputError):
     """A reference data file that is missing or does not match the manifest."""
 
 
+class DownloadError(StyleModuleError):
+    """A download that failed or did not match the manifest, or a downloaded file that could not be saved."""
+
+
 class CheckpointError(InputError):
     """A checkpoint that does not belong to the run it should resume."""
 

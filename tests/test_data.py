@@ -18,7 +18,8 @@ import pytest
 
 from stylemodule import data
 from stylemodule.data import FileStatus, ManifestEntry
-from stylemodule.errors import DataError
+from stylemodule.cli import main
+from stylemodule.errors import DataError, DownloadError
 
 REAL_NAMES = [
     "Tuebingen_Neckarfront_gatys_paper_002.jpg",
@@ -343,7 +344,7 @@ def test_fetch_rejects_wrong_content(file_server, data_dir):
     served = b"EXPECTED CONTENT"
     entry = entry_for("image.jpg", expected, file_server.serve("image.jpg", served))
 
-    with pytest.raises(DataError) as raised:
+    with pytest.raises(DownloadError) as raised:
         data.fetch(data_dir, [entry])
 
     message = str(raised.value)
@@ -363,7 +364,7 @@ def test_fetch_rejects_wrong_content(file_server, data_dir):
 def test_fetch_rejects_wrong_size(file_server, data_dir, served, problem):
     entry = ManifestEntry("image.jpg", file_server.serve("image.jpg", served), GOOD_SHA, 100)
 
-    with pytest.raises(DataError, match=problem):
+    with pytest.raises(DownloadError, match=problem):
         data.fetch(data_dir, [entry])
 
     assert list(data_dir.iterdir()) == []
@@ -375,7 +376,7 @@ def test_fetch_keeps_old_file_on_mismatch(file_server, data_dir):
     data_dir.mkdir()
     (data_dir / "image.jpg").write_bytes(content)
 
-    with pytest.raises(DataError, match="does not match the manifest"):
+    with pytest.raises(DownloadError, match="does not match the manifest"):
         data.fetch(data_dir, [entry], force=True)
 
     assert (data_dir / "image.jpg").read_bytes() == content
@@ -385,7 +386,7 @@ def test_fetch_keeps_old_file_on_mismatch(file_server, data_dir):
 def test_fetch_unreachable_says_copy_by_hand(data_dir):
     entry = entry_for("x.jpg", b"content", f"http://127.0.0.1:{closed_port()}/x.jpg")
 
-    with pytest.raises(DataError) as raised:
+    with pytest.raises(DownloadError) as raised:
         data.fetch(data_dir, [entry], timeout=5)
 
     message = str(raised.value)
@@ -399,7 +400,7 @@ def test_fetch_unreachable_says_copy_by_hand(data_dir):
 def test_fetch_http_error_names_status(file_server, data_dir):
     entry = entry_for("x.jpg", b"content", f"{file_server.base_url}/absent.jpg")
 
-    with pytest.raises(DataError) as raised:
+    with pytest.raises(DownloadError) as raised:
         data.fetch(data_dir, [entry])
 
     message = str(raised.value)
@@ -416,7 +417,7 @@ def test_fetch_timeout_names_timeout(data_dir):
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/slow.jpg"
         entry = entry_for("slow.jpg", b"content", url)
 
-        with pytest.raises(DataError, match=r"failed \(timed out after 0.2 s\)"):
+        with pytest.raises(DownloadError, match=r"failed \(timed out after 0.2 s\)"):
             data.fetch(data_dir, [entry], timeout=0.2)
 
 
@@ -463,5 +464,17 @@ def test_fetch_unwritable_folder(file_server, tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_bytes(b"")
 
-    with pytest.raises(DataError, match="cannot write .*Check that the data folder is writable"):
+    with pytest.raises(DownloadError, match="cannot write .*Check that the data folder is writable"):
         data.fetch(not_a_folder, [entry])
+
+
+def test_fetch_failure_exits_1(data_dir, tmp_path, capsys):
+    # A failed download is not bad input (exit code 2): the command started and failed.
+    entry = entry_for("x.jpg", b"content", f"http://127.0.0.1:{closed_port()}/x.jpg")
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text(f"name\turl\tsha256\tsize\nx.jpg\t{entry.url}\t{entry.sha256}\t{entry.size}\n")
+
+    code = main(["data", "fetch", "--manifest", str(manifest), "--data-dir", str(data_dir), "--timeout", "5"])
+
+    assert code == 1
+    assert f"download of x.jpg from {entry.url} failed (" in capsys.readouterr().err
