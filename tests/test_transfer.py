@@ -194,6 +194,17 @@ def test_tutorial_preset_with_caffe_weights(tmp_path: Path, data_dir: Path) -> N
     assert "weights: caffe" in config_text
 
 
+@pytest.mark.slow
+def test_nonfinite_loss_exits_1(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # lr 1e30 overflows the loss in one Adam step: a failure after work started, not bad input.
+    output = tmp_path / "diverged"
+    exit_code = main(transfer_args(output, data_dir, "--optimizer", "adam", "--lr", "1e30"))
+
+    assert exit_code == 1
+    assert "loss became" in capsys.readouterr().err
+    assert not (output / "metrics.json").exists()  # written only by a finished run
+
+
 # ---------------------------------------------------------------------- bad input
 
 
