@@ -3,6 +3,7 @@ never left half written."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -91,12 +92,11 @@ def test_transfer_killed_then_resumed_matches(tmp_path: Path, data_dir: Path) ->
     assert logged == list(range(16)), "the TensorBoard curve has a gap or a restart"
 
 
-@pytest.mark.slow
-def test_killed_trial_is_retried_from_checkpoint(tmp_path: Path, data_dir: Path) -> None:
-    experiment = tmp_path / "experiment"
+def run_search_killing_trial(experiment: Path, data_dir: Path, max_failures: int) -> int:
+    """Run a one-trial search, SIGKILL its worker after the report at step 6, return the exit code."""
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", "--samples", "1",
                "--size", "32", "--steps", "30", "--eval-every", "3", "--checkpoint-every", "3", "--scheduler", "fifo",
-               "--max-failures", "2", "--output", str(experiment), "--data-dir", str(data_dir)]
+               "--max-failures", str(max_failures), "--output", str(experiment), "--data-dir", str(data_dir)]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         def first_report() -> list[dict]:
@@ -106,12 +106,18 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path: Path, data_dir: Path)
             return [json.loads(line) for line in results[0].read_text().splitlines() if line.strip()]
 
         wait_for(lambda: any(row["step"] >= 6 for row in first_report()), 180, "no report at step 6 within 180 s")
-        # The worker process dies as if its machine failed; Tune restarts the trial.
+        # The worker process dies as if its machine failed; Tune restarts the trial if retries are left.
         os.kill(first_report()[-1]["pid"], signal.SIGKILL)
-        assert driver.wait(timeout=300) == 0
+        return driver.wait(timeout=300)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_trial_is_retried_from_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    assert run_search_killing_trial(experiment, data_dir, max_failures=2) == 0
 
     (trial,) = experiment.glob("trial_*")
     steps = [json.loads(line)["step"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
@@ -119,3 +125,13 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path: Path, data_dir: Path)
     assert steps.count(3) == 1, f"the trial restarted from scratch: {steps}"
     table = (experiment / "results.csv").read_text()
     assert "retried" in table
+
+
+@pytest.mark.slow
+def test_trial_out_of_retries_exits_1(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    assert run_search_killing_trial(experiment, data_dir, max_failures=0) == 1
+
+    with open(experiment / "results.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert "error" in row["stop_reason"]
