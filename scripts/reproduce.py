@@ -6,7 +6,9 @@
 Each variant changes one setting of gatys2016 (or runs the tutorial preset). Noise
 starts are repeated over --seeds so that differences can be read against the
 seed-to-seed spread. Results go to OUTPUT/<variant>/seed<N>/ (a normal run folder) and
-OUTPUT/summary.json; the table is printed as Markdown.
+OUTPUT/summary.json; the table is printed as Markdown. Every run's settings and the
+images are checked before the first run starts, and an OUTPUT that already contains
+results is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -22,9 +25,9 @@ from pathlib import Path
 
 from stylemodule.config import GATYS2016, TUTORIAL, StyleConfig
 from stylemodule.data import resolve_data_dir
-from stylemodule.errors import NonFiniteLossError
+from stylemodule.errors import InputError, NonFiniteLossError
 from stylemodule.files import atomic_write_text
-from stylemodule.run import run_transfer
+from stylemodule.run import load_inputs, run_transfer
 
 # The tutorial's Adam step, 0.003 in torchvision's normalised units, in the caffe input
 # space (0..255 grey levels): 0.003 * 255 * 0.226, the mean of torchvision's stds.
@@ -57,21 +60,51 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("outputs/reproduce"))
     parser.add_argument("--data-dir", help="folder of the reference images")
     parser.add_argument("--smoke", action="store_true", help="32 pixels, 3 steps, one seed")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.seeds = 32, 3, [0]
     return args
 
 
-def run_variant(name: str, config: StyleConfig, args: argparse.Namespace) -> dict:
-    # A start from the content photo has no randomness: one seed is enough.
-    seeds = args.seeds if config.init != "content" else args.seeds[:1]
+def plan_runs(args: argparse.Namespace) -> dict[str, dict[int, StyleConfig]]:
+    """Return the config of every run, by variant and seed; raise InputError for a bad one."""
+    data_dir = resolve_data_dir(args.data_dir)
+    plan = {}
+    for name in args.variants:
+        config = VARIANTS[name][1]
+        # A start from the content photo has no randomness: one seed is enough.
+        seeds = args.seeds if config.init != "content" else args.seeds[:1]
+        plan[name] = {
+            seed: config.replace(
+                size=args.size, steps=args.steps, seed=seed, eval_every=max(1, args.steps // 6),
+                image_every=args.steps, checkpoint_every=args.steps, keep_checkpoints=1,
+            ).with_absolute_paths(data_dir)
+            for seed in seeds
+        }
+    return plan
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Reject an output folder with earlier results unless `overwrite`, which empties it.
+
+    Results of variants left out of this run would otherwise stay beside the new ones.
+    """
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output {output} is a file, not a folder; choose another --output")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(
+            f"output folder {output} already contains results; pass --overwrite to replace them, "
+            "or choose another --output"
+        )
+    shutil.rmtree(output)
+
+
+def run_variant(name: str, configs: dict[int, StyleConfig], args: argparse.Namespace) -> dict:
     runs = []
-    for seed in seeds:
-        run_config = config.replace(
-            size=args.size, steps=args.steps, seed=seed, eval_every=max(1, args.steps // 6),
-            image_every=args.steps, checkpoint_every=args.steps, keep_checkpoints=1,
-        ).with_absolute_paths(resolve_data_dir(args.data_dir))
+    for seed, run_config in configs.items():
         started = time.perf_counter()
         try:
             record = run_transfer(run_config, args.output / name / f"seed{seed}", progress_bar=False)
@@ -105,9 +138,19 @@ def markdown_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    try:
+        plan = plan_runs(args)
+        # The seeds of a variant share its images and sizes, so one load per variant checks them.
+        for configs in plan.values():
+            load_inputs(next(iter(configs.values())))
+        prepare_output(args.output, args.overwrite)
+    except InputError as error:
+        print(f"reproduce.py: error: {error}", file=sys.stderr)
+        return 2
+
     results = []
-    for name in args.variants:
-        results.append(run_variant(name, VARIANTS[name][1], args))
+    for name, configs in plan.items():
+        results.append(run_variant(name, configs, args))
         print(f"{name}: MAE {results[-1]['mae_mean']:.4f} ± {results[-1]['mae_stdev']:.4f}, "
               f"{results[-1]['diverged']} diverged", flush=True)
     summary = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "results": results}

@@ -469,7 +469,7 @@ def test_fetch_unwritable_folder(file_server, tmp_path):
 
 
 def test_fetch_failure_exits_1(data_dir, tmp_path, capsys):
-    # A failed download is not bad input (exit code 2): the command started and failed.
+    # A failed download is not bad input (exit code 2), because the command started and then failed.
     entry = entry_for("x.jpg", b"content", f"http://127.0.0.1:{closed_port()}/x.jpg")
     manifest = tmp_path / "manifest.tsv"
     manifest.write_text(f"name\turl\tsha256\tsize\nx.jpg\t{entry.url}\t{entry.sha256}\t{entry.size}\n")
