@@ -32,14 +32,17 @@ class ImageLogger(Callback):
     """Log the input images once and the generated image every `every_n_steps` steps.
 
     TensorBoard receives the same uint8 pixels that `png_path` (when given) is
-    overwritten with, so the latest image on disk is always the latest one logged.
+    overwritten with. The PNG is also rewritten at each evaluation, so that a search
+    trial stopped by its scheduler leaves the image its last reported MAE describes.
     """
 
     def __init__(self, every_n_steps: int, png_path: str | Path | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.png_path = Path(png_path) if png_path is not None else None
-        # Step of the image last written to TensorBoard and `png_path`, or -1 before the first.
+        # Step of the image last written to TensorBoard, or -1 before the first.
         self.last_logged_step = -1
+        # Step of the image in `png_path`, or -1 before the first write.
+        self.png_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         # Not on_fit_start: Lightning restores global_step after that hook, so a resumed
@@ -58,6 +61,14 @@ class ImageLogger(Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._log_generated(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if self.png_path is None or trainer.global_step == self.png_step:
+            return
+        image = pl_module.generated_rgb()[0].cpu()
+        if image.isfinite().all():
+            save_png(image, self.png_path)
+            self.png_step = trainer.global_step
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._log_generated(trainer, pl_module)
 
@@ -75,6 +86,7 @@ class ImageLogger(Callback):
             writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
         if self.png_path is not None:
             save_png(image, self.png_path)
+            self.png_step = step
 
 
 class StallMonitor(Callback):

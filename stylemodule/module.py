@@ -208,12 +208,12 @@ class StyleTransferModule(pl.LightningModule):
         return values
 
     def image_quality_due(self) -> bool:
-        """Return whether this step's evaluation adds SSIM and PSNR (image steps and the last step)."""
-        step = self.global_step
-        return step % self.config.image_every == 0 or step >= self.trainer.max_steps
+        """Return whether this step's evaluation adds SSIM and PSNR (on image steps)."""
+        return self.global_step % self.config.image_every == 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        if self.reference is None:
+        # At the last step the final metrics (callbacks.FinalMetrics) measure the same image.
+        if self.reference is None or self.global_step >= self.trainer.max_steps:
             return
         values = self._measure(image_quality=self.image_quality_due())
         # Lightning logs an evaluation inside training at the step before the one the image

@@ -4,7 +4,7 @@ write the results. The command line and every Ray Tune trial go through `run_tra
 An output folder holds:
     image.png            the generated image (rewritten at every image log)
     config.yaml          the resolved config; `stylemodule transfer --config` re-runs it
-    metrics.json         final metrics, steps run and the stop reason
+    metrics.json         final metrics and loss terms, steps run and the stop reason
     tensorboard/         TensorBoard event files and hparams
     checkpoints/         last.ckpt and the latest step checkpoints
 """
@@ -25,6 +25,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from stylemodule import keys
 from stylemodule.callbacks import (
     AtomicCheckpointIO,
     FinalMetrics,
@@ -202,8 +203,8 @@ def describe_saved_state(trainer: pl.Trainer, failed_step: int) -> str:
     """
     steps = []
     for callback in trainer.callbacks:
-        if isinstance(callback, ImageLogger) and callback.png_path is not None and callback.last_logged_step >= 0:
-            steps.append((callback.png_path, callback.last_logged_step))
+        if isinstance(callback, ImageLogger) and callback.png_path is not None and callback.png_step >= 0:
+            steps.append((callback.png_path, callback.png_step))
         if isinstance(callback, RunCheckpoint) and callback.saved_step is not None and callback.last_model_path:
             steps.append((Path(callback.last_model_path), callback.saved_step))
     text = "".join(f"{path} is from step {step}; " for path, step in steps)
@@ -261,10 +262,17 @@ def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Pat
     save_png(module.generated_rgb()[0].cpu(), output_dir / IMAGE_FILE)
     metrics = final_metrics(trainer)
     stalled = stall_step(trainer)
+    # The last step's loss terms: training_step logs them at the last step.
+    losses = {
+        key: float(trainer.callback_metrics[key])
+        for key in (keys.LOSS_TOTAL, keys.LOSS_CONTENT, keys.LOSS_STYLE)
+        if key in trainer.callback_metrics
+    }
     record = {
         "steps": trainer.global_step,
         "stop_reason": f"stalled at step {stalled}" if stalled is not None else "max steps",
         "final_loss": module.last_loss,
+        **losses,
         **metrics,
     }
     atomic_write_text(output_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")

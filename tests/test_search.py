@@ -13,17 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.nn.functional as F
 
 from stylemodule import keys, search
 from stylemodule.cli import main
 from stylemodule.config import GATYS2016, load_yaml
 from stylemodule.errors import ConfigError, InputError
+from stylemodule.images import load_image
 from stylemodule.report import RESULTS_FILE, collect_trials, write_report
+
+from conftest import REFERENCE
 
 # 4 trials of 12 steps at 32 pixels, evaluated every 3 steps: ASHA can stop at 3 and 6.
 TINY_SEARCH = [
     "--samples", "4", "--size", "32", "--steps", "12", "--eval-every", "3",
-    "--image-every", "3", "--checkpoint-every", "3", "--grace-period", "3", "--reduction-factor", "2",
+    "--image-every", "12", "--checkpoint-every", "3", "--grace-period", "3", "--reduction-factor", "2",
 ]
 
 
@@ -33,6 +37,15 @@ def result_rows(trial: Path) -> list[dict]:
 
 def trial_folders(experiment: Path) -> list[Path]:
     return sorted(path.parent for path in experiment.glob("trial_*/params.json"))
+
+
+def png_mae(png: Path, reference: Path) -> float:
+    """MAE of a PNG against the reference on the reference's grid, as the module measures it."""
+    target = load_image(reference)
+    image = F.interpolate(
+        load_image(png).unsqueeze(0), size=tuple(target.shape[-2:]), mode="bilinear", antialias=True, align_corners=False
+    )
+    return float((image[0].clamp(0, 1) - target).abs().mean())
 
 
 # ---------------------------------------------------------------------- spaces, no Ray
@@ -166,8 +179,16 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
             # The final report adds SSIM and PSNR, which evaluations compute only on image steps.
             assert set(keys.TUNE_FINAL) <= set(finite[-1])
         assert {row["node_ip"] for row in rows} == {"127.0.0.1"}
-        assert (trial / "image.png").is_file()
         assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+        if rows[-1][keys.TUNE_STEP] == 12:
+            # ASHA stops a trial at max_t; it must still have finished its run first.
+            assert rows[-1]["stop_reason"] == "max steps"
+            assert (trial / "metrics.json").is_file()
+        if rows[-1][keys.TUNE_MAE] < 1:
+            # image.png shows the image that the last reported MAE describes, also when
+            # ASHA stopped the trial between image steps (up to the PNG's rounding).
+            mae = png_mae(trial / "image.png", data_dir / REFERENCE)
+            assert mae == pytest.approx(rows[-1][keys.TUNE_MAE], abs=2e-3)
 
     with open(experiment / RESULTS_FILE, newline="") as handle:
         table = list(csv.DictReader(handle))

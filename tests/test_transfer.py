@@ -87,6 +87,9 @@ def test_transfer_writes_outputs(run_dir: Path) -> None:
     assert metrics["stop_reason"] == "max steps"
     assert 0 < metrics[keys.METRIC_MAE] < 1
     assert math.isfinite(metrics["final_loss"])
+    assert metrics[keys.LOSS_TOTAL] == metrics["final_loss"]
+    assert metrics[keys.LOSS_CONTENT] > 0
+    assert metrics[keys.LOSS_STYLE] > 0
     assert png_pixels(run_dir / "image.png").shape == (24, 32, 3)
 
 
