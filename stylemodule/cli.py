@@ -26,6 +26,8 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 # Files and folders of a run; --overwrite removes exactly these.
 RUN_OUTPUTS = ("image.png", "config.yaml", "metrics.json", "tensorboard", "checkpoints")
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_PRESET = "gatys2016"
 
 
 # ---------------------------------------------------------------------- config options
@@ -71,7 +73,7 @@ def config_from_args(args: argparse.Namespace, base: StyleConfig) -> StyleConfig
 
 def base_config(args: argparse.Namespace) -> StyleConfig:
     """Build the base config: the preset, then the config file (if any), before the options."""
-    base = preset(args.preset)
+    base = preset(args.preset or DEFAULT_PRESET)
     if args.config:
         base = load_yaml(args.config, base=base)
     return base
@@ -116,7 +118,7 @@ def transfer_parser(subparsers: Any) -> None:
         help="run one style transfer",
         description="Generate one stylised image. Settings: preset < --config file < options.",
     )
-    parser.add_argument("--preset", default="gatys2016", help=f"named settings: {', '.join(PRESETS)}")
+    parser.add_argument("--preset", help=f"named settings: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", help="YAML config file, such as a run's config.yaml")
     parser.add_argument("--output", type=Path, help="output folder (default: outputs/<preset>)")
     parser.add_argument(
@@ -147,58 +149,57 @@ def resolve_resume(path: Path) -> Path:
     return path
 
 
-def check_resume_size(resume: Path, checkpoint: dict[str, Any], config: StyleConfig) -> None:
-    """Reject size settings that differ from the checkpoint's before anything else is checked."""
-    hparams = checkpoint.get("hyper_parameters", {})
-    image = checkpoint.get("state_dict", {}).get("image")
-    for name in ("size", "exact_size", "style_size"):
-        if name in hparams and hparams[name] != getattr(config, name) and image is not None:
-            raise InputError(
-                f"checkpoint {resume} contains a {image.shape[-1]}x{image.shape[-2]} image made with "
-                f"{name}={hparams[name]}, but this run asks for {name}={getattr(config, name)}; "
-                "resume with the checkpoint's size settings, or start a new run"
-            )
-
-
 def run_transfer_command(args: argparse.Namespace) -> int:
     from stylemodule.data import resolve_data_dir
-    from stylemodule.run import read_checkpoint, run_transfer
+    from stylemodule.run import check_resume, load_inputs, read_checkpoint, run_transfer
 
     resume = resolve_resume(args.resume) if args.resume else None
     checkpoint = read_checkpoint(resume) if resume is not None else {}
-    hparams = checkpoint.get("hyper_parameters", {})
-    if resume is not None and not args.config and hparams:
+    if resume is not None and not args.config:
+        if args.preset is not None:
+            raise InputError(
+                f"--preset {args.preset} does not apply with --resume, because the checkpoint's own "
+                "config is the base; drop --preset, or give --config to resume with a config file"
+            )
         # The checkpoint's own config is the base, so `--resume CKPT --steps N` extends it.
-        base = StyleConfig.from_dict(hparams)
+        base = StyleConfig.from_dict(checkpoint["hyper_parameters"])
     else:
         base = base_config(args)
     config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
+
+    inputs = None
     if resume is not None:
-        check_resume_size(resume, checkpoint, config)
-        done = checkpoint.get("global_step", 0)
-        if config.steps <= done:
-            raise InputError(
-                f"checkpoint {resume} is already at step {done}; pass --steps above {done} to continue it"
-            )
+        # Every check before the output folder is touched: the images, then the checkpoint.
+        inputs = load_inputs(config)
+        check_resume(checkpoint, config, (1, 3, *inputs.content.shape[-2:]), resume)
 
     if args.output is not None:
         output = args.output
     elif resume is not None:
+        if resume.resolve().parent.name != CHECKPOINT_DIR:
+            raise InputError(
+                f"checkpoint {resume} is not in a run's {CHECKPOINT_DIR}/ folder, so its run folder "
+                "is unknown; pass --output for the resumed run"
+            )
         output = resume.resolve().parent.parent
     else:
-        output = Path("outputs") / args.preset
+        output = Path("outputs") / (args.preset or DEFAULT_PRESET)
     prepare_output_dir(output, args.overwrite, resume.resolve().parent.parent if resume is not None else None)
     check_accelerator(config.accelerator)
 
     try:
-        record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress)
+        record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress, inputs=inputs)
     except KeyboardInterrupt:
         print(
             f"stylemodule transfer: interrupted; continue with: stylemodule transfer --resume {output}",
             file=sys.stderr,
         )
         return 130
-    summary = ", ".join(f"{key} {value:.4g}" for key, value in record.items() if isinstance(value, float))
+    summary = ", ".join(
+        f"{key} {value:.4g}"
+        for key, value in record.items()
+        if isinstance(value, float) and (key == "final_loss" or key.startswith("metric/"))
+    )
     print(f"wrote {output / 'image.png'} after {record['steps']} steps ({record['stop_reason']}); {summary}")
     return 0
 

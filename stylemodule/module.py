@@ -95,7 +95,8 @@ class StyleTransferModule(pl.LightningModule):
             return
         extractor = self.extractor
         if self.config.normalize:
-            images = [extractor.preprocess(image.to(self.device)) for image in self._calibration]
+            # The calibration images are no buffers, so precision plugins did not convert them.
+            images = [extractor.preprocess(image.to(self.device, self.image.dtype)) for image in self._calibration]
             extractor.normalize_(images)
         self._calibration = []
 
@@ -260,33 +261,48 @@ class StyleTransferModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_matches(checkpoint, self)
+        check_checkpoint_matches(checkpoint, self.config, self.image.shape)
 
 
-def check_checkpoint_matches(checkpoint: dict[str, Any], module: StyleTransferModule, source: str = "checkpoint") -> None:
-    """Raise CheckpointError when a checkpoint belongs to another image size or layer set."""
+# Settings that a resumed run cannot change, because the checkpoint's image, optimiser
+# state and loss targets were made with them. Loss weights, steps and logging can change.
+RESUME_FIXED = (
+    "content_layers", "style_layers", "weights", "pooling", "style_size",
+    "optimizer", "lr", "history_size", "init", "init_blend", "seed",
+)  # fmt: skip
+
+
+def check_checkpoint_matches(
+    checkpoint: dict[str, Any], config: StyleConfig, image_shape: Sequence[int], source: str = "checkpoint"
+) -> None:
+    """Raise CheckpointError when a checkpoint belongs to another image size or fixed setting.
+
+    `image_shape` is the (1, 3, H, W) shape of the image that `config` generates.
+    """
     saved = checkpoint.get("state_dict", {}).get("image")
     if saved is None:
         raise CheckpointError(f"{source} contains no generated image; give a checkpoint written by stylemodule")
-    if tuple(saved.shape) != tuple(module.image.shape):
+    if tuple(saved.shape) != tuple(image_shape):
         raise CheckpointError(
-            f"{source} contains a {saved.shape[-1]}x{saved.shape[-2]} image but this run generates "
-            f"{module.image.shape[-1]}x{module.image.shape[-2]}; resume with the size settings of "
-            "the checkpoint's run (its config.yaml)"
+            f"{source} contains a {saved.shape[-1]}x{saved.shape[-2]} image but these settings give "
+            f"{image_shape[-1]}x{image_shape[-2]}; resume with the size settings of the checkpoint's "
+            "run (its config.yaml)"
         )
     hparams = checkpoint.get("hyper_parameters", {})
-    for name in ("content_layers", "style_layers", "optimizer", "weights", "pooling"):
-        if name in hparams and list_or_value(hparams[name]) != list_or_value(getattr(module.config, name)):
+    for name in RESUME_FIXED:
+        if name in hparams and list_or_value(hparams[name]) != list_or_value(getattr(config, name)):
             raise CheckpointError(
                 f"{source} was written with {name}={hparams[name]} but this run uses "
-                f"{name}={getattr(module.config, name)}; resume with the checkpoint's config.yaml"
+                f"{name}={getattr(config, name)}, which a resumed run cannot change; "
+                "resume with the checkpoint's config.yaml, or start a new run"
             )
     # The image is stored in the network's input space, so that space must not change.
     saved_space = resolved_preprocessing(hparams.get("preprocessing", "auto"), hparams.get("weights", "caffe"))
-    if saved_space != module.extractor.preprocessing.name:
+    space = resolved_preprocessing(config.preprocessing, config.weights)
+    if saved_space != space:
         raise CheckpointError(
             f"{source} stores its image in {saved_space} input space but this run uses "
-            f"{module.extractor.preprocessing.name}; resume with the checkpoint's config.yaml"
+            f"{space}; resume with the checkpoint's config.yaml"
         )
 
 

@@ -170,15 +170,33 @@ def make_trainer(
     )
 
 
+# Entries of a Lightning checkpoint that a resumed run reads.
+CHECKPOINT_KEYS = ("pytorch-lightning_version", "global_step", "state_dict", "hyper_parameters")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only=True), or raise CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; give a .ckpt file from a run's checkpoints folder")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; give a .ckpt file from a run's checkpoints folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file raises many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        # torch's first line names the problem; the rest suggests weights_only=False, which
+        # would run code from the file.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {reason}; give a .ckpt file from a run's checkpoints folder"
+        ) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by stylemodule (it has no {', '.join(missing)}); "
+            "give a .ckpt file from a run's checkpoints folder"
+        )
+    return checkpoint
 
 
 def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -186,6 +204,16 @@ def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
         if isinstance(callback, FinalMetrics):
             return callback.metrics
     return {}
+
+
+def check_resume(checkpoint: dict[str, Any], config: StyleConfig, image_shape: Sequence[int], path: Path) -> None:
+    """Raise CheckpointError unless `config` can continue the checkpoint at `path`."""
+    check_checkpoint_matches(checkpoint, config, image_shape, source=f"checkpoint {path}")
+    done = checkpoint["global_step"]
+    if config.steps <= done:
+        raise CheckpointError(
+            f"checkpoint {path} is already at step {done}; set steps (--steps) above {done} to continue it"
+        )
 
 
 def stall_step(trainer: pl.Trainer) -> int | None:
@@ -230,9 +258,10 @@ def run_transfer(
     """
     output_dir = Path(output_dir)
     module = build_module(config, inputs)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if resume is not None:
-        check_checkpoint_matches(read_checkpoint(resume), module, source=f"checkpoint {resume}")
+        checkpoint = read_checkpoint(resume)
+        check_resume(checkpoint, config, module.image.shape, resume)
+    output_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, output_dir / CONFIG_FILE)
 
     trainer = make_trainer(
@@ -241,8 +270,10 @@ def run_transfer(
     try:
         with warnings.catch_warnings():
             if resume is not None:
-                # A resumed run writes into its own checkpoint folder, which is not empty.
+                # A resumed run writes into its own checkpoint folder, which is not empty. One
+                # resumed into another --output starts that folder's list of kept checkpoints anew.
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
             trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).

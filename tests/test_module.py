@@ -563,3 +563,15 @@ def test_channels_last_runs(tiny_config: StyleConfig, tmp_path: Path, optimizer:
 
     assert record["steps"] == 3
     assert record["metric/mae"] < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed"])
+def test_precision_runs_with_normalisation(tiny_config: StyleConfig, tmp_path: Path, precision: str) -> None:
+    # The Gatys normalisation calibrates on images that the precision plugin does not convert.
+    config = tiny_config.replace(precision=precision, normalize=True, steps=3)
+
+    record = run_transfer(config, tmp_path, progress_bar=False)
+
+    assert record["steps"] == 3
+    assert 0 < record["metric/mae"] < 1.0

@@ -268,10 +268,97 @@ def test_resume_other_size_rejected(
     # The size mismatch is named first: asking for more steps would not fix it.
     assert exit_code == EXIT_BAD_INPUT
     error = capsys.readouterr().err
-    assert "32x24" in error
-    assert "size=48" in error
+    assert "contains a 32x24 image but these settings give 48x36" in error
     assert "--steps" not in error
     assert not (output / "config.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lr", "0.01"], "lr=0.01, which a resumed run cannot change"),
+        (["--seed", "5"], "seed=5, which a resumed run cannot change"),
+        (["--optimizer", "adam"], "optimizer=adam"),
+        (["--preset", "tutorial"], "--preset tutorial does not apply with --resume"),
+    ],
+    ids=["lr", "seed", "optimizer", "preset"],
+)
+def test_resume_fixed_setting_rejected(
+    run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    # These settings would be ignored: the optimiser state and the image come from the checkpoint.
+    output = tmp_path / "resumed"
+    exit_code = main(
+        ["transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), "--steps", "8", *options,
+         "--output", str(output), "--no-progress", "--data-dir", str(data_dir)]
+    )  # fmt: skip
+
+    assert exit_code == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_resume_same_size_other_spelling(tmp_path: Path, data_dir: Path) -> None:
+    # --exact-size 32x24 gives the checkpoint's 32x24 image, so the run continues. (A run of
+    # its own: Lightning warns when a run resumes into another checkpoint folder.)
+    output = tmp_path / "run"
+    assert main(transfer_args(output, data_dir)) == 0
+
+    exit_code = main(
+        ["transfer", "--resume", str(output), "--steps", "6", "--exact-size", "32x24", "--no-progress",
+         "--data-dir", str(data_dir)]
+    )  # fmt: skip
+
+    assert exit_code == 0
+    assert json.loads((output / "metrics.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_resume_loose_checkpoint_needs_output(
+    run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loose = tmp_path / "saved" / "my.ckpt"
+    loose.parent.mkdir()
+    shutil.copyfile(run_dir / "checkpoints" / "last.ckpt", loose)
+
+    exit_code = main(["transfer", "--resume", str(loose), "--steps", "6", "--no-progress", "--data-dir", str(data_dir)])
+
+    assert exit_code == EXIT_BAD_INPUT
+    assert "pass --output for the resumed run" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["saved"]
+    assert sorted(path.name for path in loose.parent.iterdir()) == ["my.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is empty"),
+        ({"state_dict": {"image": torch.zeros(1, 3, 24, 32)}, "global_step": 1}, "is not a checkpoint written by stylemodule"),
+        (b"not a checkpoint", "cannot read checkpoint"),
+    ],
+    ids=["empty", "hand-made", "other-file"],
+)
+def test_resume_foreign_checkpoint_rejected(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], content: object, message: str
+) -> None:
+    path = tmp_path / "foreign.ckpt"
+    if content is None:
+        path.write_bytes(b"")
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    output = tmp_path / "out"
+
+    exit_code = main(["transfer", "--resume", str(path), "--output", str(output), "--no-progress", "--data-dir", str(data_dir)])
+
+    assert exit_code == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert message in error
+    assert "weights_only=False" not in error
+    assert not output.exists()
 
 
 # ---------------------------------------------------------------------- progress bar
