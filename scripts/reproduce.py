@@ -32,6 +32,7 @@ from stylemodule.run import load_inputs, run_transfer
 # The tutorial's Adam step, 0.003 in torchvision's normalised units, in the caffe input
 # space (0..255 grey levels): 0.003 * 255 * 0.226, the mean of torchvision's stds.
 TUTORIAL_CAFFE_LR = 0.17
+SUMMARY_FILE = "summary.json"
 
 # name -> (description, config). The tutorial runs on the caffe weights because
 # torchvision's weights cannot be downloaded everywhere.
@@ -52,18 +53,21 @@ VARIANTS: dict[str, tuple[str, StyleConfig]] = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=128, help="long edge in pixels")
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of noise starts")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--output", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="variants to run")
+    parser.add_argument("--output", type=Path, default=Path("outputs/reproduce"), help="folder of the runs and summary.json")
     parser.add_argument("--data-dir", help="folder of the reference images")
-    parser.add_argument("--smoke", action="store_true", help="32 pixels, 3 steps, one seed")
+    parser.add_argument("--smoke", action="store_true", help="32 pixels, 3 steps, seed 0; overrides --size, --steps and --seeds")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.seeds = 32, 3, [0]
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would repeat the same run
     return args
 
 
@@ -86,20 +90,26 @@ def plan_runs(args: argparse.Namespace) -> dict[str, dict[int, StyleConfig]]:
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
-    """Reject an output folder with earlier results unless `overwrite`, which empties it.
+    """Reject an output folder with earlier results unless `overwrite`, which removes them.
 
     Results of variants left out of this run would otherwise stay beside the new ones.
+    Only summary.json and the variant folders count as results; other files stay.
     """
     if output.exists() and not output.is_dir():
         raise InputError(f"output {output} is a file, not a folder; choose another --output")
-    if not output.is_dir() or not any(output.iterdir()):
+    earlier = [output / name for name in (SUMMARY_FILE, *VARIANTS) if (output / name).exists()]
+    if not earlier:
         return
     if not overwrite:
         raise InputError(
-            f"output folder {output} already contains results; pass --overwrite to replace them, "
-            "or choose another --output"
+            f"output folder {output} already contains results ({', '.join(path.name for path in earlier)}); "
+            "pass --overwrite to replace them, or choose another --output"
         )
-    shutil.rmtree(output)
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run_variant(name: str, configs: dict[int, StyleConfig], args: argparse.Namespace) -> dict:
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: MAE {results[-1]['mae_mean']:.4f} ± {results[-1]['mae_stdev']:.4f}, "
               f"{results[-1]['diverged']} diverged", flush=True)
     summary = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "results": results}
-    atomic_write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(args.output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     print(markdown_table(results))
     return 0
 

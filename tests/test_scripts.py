@@ -70,14 +70,18 @@ def test_reproduce_rerun_needs_overwrite(data_dir: Path, tmp_path: Path) -> None
 
     again = reproduce(data_dir, "--smoke", "--variants", "max-pooling", "--output", str(output))
     assert again.returncode == 2
-    assert "already contains results; pass --overwrite" in again.stderr
+    assert "already contains results (summary.json, content-init); pass --overwrite" in again.stderr
+
+    notes = output / "notes.txt"
+    notes.write_text("not written by reproduce.py")
 
     replaced = reproduce(
         data_dir, "--smoke", "--variants", "max-pooling", "--seeds", "0", "--output", str(output), "--overwrite"
     )
     assert replaced.returncode == 0, replaced.stderr[-2000:]
-    # The earlier variant's folder is gone, so the folder matches summary.json.
-    assert sorted(path.name for path in output.iterdir()) == ["max-pooling", "summary.json"]
+    # The earlier variant's folder is gone, so the results match summary.json; other files stay.
+    assert sorted(path.name for path in output.iterdir()) == ["max-pooling", "notes.txt", "summary.json"]
+    assert notes.read_text() == "not written by reproduce.py"
 
 
 def test_search_paper_modes() -> None:
