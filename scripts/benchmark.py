@@ -843,7 +843,7 @@ def step_time_section(run: dict[str, Any]) -> list[str]:
     options = run["options"]
     header = [
         "size", "image", "optimizer", "runs", "Lightning (ms/step)", "plain loop (ms/step)", "Lightning - plain (ms)",
-        "Lightning / plain", "repeats", "bare fwd+bwd (ms)", "plain / bare", "repeats",
+        "Lightning / plain", "its repeats", "bare fwd+bwd (ms)", "plain / bare", "its repeats",
         "both ratios from minimums", "load average at start, end",
     ]  # fmt: skip
     rows = [
@@ -875,7 +875,7 @@ def step_time_section(run: dict[str, Any]) -> list[str]:
         "- bare fwd+bwd: `module.extractor(image)` to the loss layers, the features summed, "
         "`backward()`; no losses and no optimiser. Each run has one warm-up pass, because it "
         "follows the plain and Lightning runs in the same process.",
-        "- The ratios use the medians of all timed steps. repeats: the lowest and highest ratio of "
+        "- The ratios use the medians of all timed steps. its repeats: the lowest and highest ratio of "
         "the per-run medians within one repeat, in which the three kinds of run follow each other. "
         "A timing target is MET when the median of these per-repeat ratios meets it; the verdict "
         "counts the repeats on the other side of the limit.",
@@ -1131,8 +1131,27 @@ def check_options(options: dict[str, Any]) -> str | None:
         )
     if not options["skip_search"] and not 1 <= options["grace_period"] <= options["search_steps"]:
         return f"invalid --grace-period {options['grace_period']}; use 1 to --search-steps ({options['search_steps']})"
-    if options["reduction_factor"] <= 1:
-        return f"invalid --reduction-factor {options['reduction_factor']}; it must be above 1"
+    if not (math.isfinite(options["reduction_factor"]) and options["reduction_factor"] > 1):
+        return f"invalid --reduction-factor {options['reduction_factor']}; it must be a number above 1"
+    if Path(options["output"]).is_dir():
+        return f"--output {options['output']} is a folder; give the path of the Markdown file to write"
+    return None
+
+
+def check_sizes(options: dict[str, Any], data_dir: Path) -> str | None:
+    """Return an error message for a size the network cannot take, before any measuring."""
+    from stylemodule.config import GATYS2016
+    from stylemodule.errors import InputError
+    from stylemodule.run import load_inputs
+
+    sizes = {*options["sizes"], options["variant_size"]}
+    if not options["skip_search"]:
+        sizes.add(options["search_size"])
+    for size in sorted(sizes):
+        try:
+            load_inputs(GATYS2016.replace(size=size).with_absolute_paths(data_dir))
+        except InputError as error:
+            return str(error)
     return None
 
 
@@ -1276,6 +1295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "or --data-dir to the folder holding them, or run `stylemodule data fetch`",
             file=sys.stderr,
         )
+        return 2
+    problem = check_sizes(options, data_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     load_start = load_average()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import warnings
@@ -227,6 +228,8 @@ def run_data_command(args: argparse.Namespace) -> int:
     data_dir = data.resolve_data_dir(args.data_dir)
     entries = data.read_manifest(args.manifest) if args.manifest else data.read_manifest()
     if args.action == "fetch":
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise InputError(f"invalid --timeout {args.timeout}; give a positive number of seconds")
         statuses = data.fetch(data_dir, entries, timeout=args.timeout, force=args.force, progress=print)
     else:
         statuses = data.verify(data_dir, entries)

@@ -424,8 +424,13 @@ def build_scheduler(settings: SearchSettings, base: StyleConfig) -> Any:
         raise InputError(
             f"invalid --grace-period {settings.grace_period}; use 1 to --steps ({base.steps})"
         )
-    if settings.reduction_factor <= 1:
-        raise InputError(f"invalid --reduction-factor {settings.reduction_factor}; it must be above 1")
+    if not (math.isfinite(settings.reduction_factor) and settings.reduction_factor > 1):
+        raise InputError(f"invalid --reduction-factor {settings.reduction_factor}; it must be a number above 1")
+    if base.eval_every >= base.steps:
+        raise InputError(
+            f"--eval-every {base.eval_every} leaves no evaluation before the last step ({base.steps}), "
+            "and ASHA stops trials only at evaluations; lower --eval-every or use --scheduler fifo"
+        )
     # ASHA compares trials at the same optimisation step, reported with every evaluation.
     return ASHAScheduler(
         time_attr=keys.TUNE_STEP,

@@ -157,3 +157,26 @@ def test_resume_into_other_run_rejected(tmp_path: Path, data_dir: Path, capsys: 
     )
     assert "already contains a run" in error
     assert (tmp_path / "b" / "image.png").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--reduction-factor", "nan"], "invalid --reduction-factor nan"),
+        (["--eval-every", "10"], "--eval-every 10 leaves no evaluation before the last step (6)"),
+    ],
+    ids=["reduction-factor", "eval-every"],
+)
+def test_asha_settings_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    error = run_error(["search", "--size", "32", "--steps", "6", *options, "--output", str(tmp_path / "x")], capsys)
+    assert message in error
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_fetch_timeout_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str) -> None:
+    error = run_error(["data", "fetch", "--timeout", timeout, "--data-dir", str(tmp_path / "d")], capsys)
+    assert "invalid --timeout" in error
+    assert not (tmp_path / "d").exists()

@@ -154,6 +154,22 @@ def test_cuda_without_gpu_rejected(tmp_path: Path) -> None:
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--sizes", "8"], "size 8 gives a 8x6 image"),
+        (["--reduction-factor", "nan"], "invalid --reduction-factor nan"),
+        (["--output", "."], "is a folder"),
+    ],
+    ids=["size", "reduction-factor", "output-folder"],
+)
+def test_bad_options_rejected_early(data_dir: Path, tmp_path: Path, options: list[str], message: str) -> None:
+    completed = run_script("--quick", "--skip-search", *options, data_dir=data_dir, timeout=120)
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_step_intervals_skip_warmup() -> None:
     ends = [10.0, 11.0, 13.0, 16.0, 20.0]
     assert benchmark.step_intervals(ends, 1) == [1.0, 2.0, 3.0, 4.0]
