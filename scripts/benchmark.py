@@ -447,7 +447,7 @@ def worker_search(spec: dict[str, Any]) -> dict[str, Any]:
     folder = Path(spec["folder"])
 
     start = time.perf_counter()
-    errored = run_search(settings, base, folder)
+    outcome = run_search(settings, base, folder)
     wall = time.perf_counter() - start
 
     trials = [
@@ -463,7 +463,7 @@ def worker_search(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "scheduler": spec["scheduler"],
         "wall_s": wall,
-        "errored": errored if isinstance(errored, int) else None,
+        "errored": outcome.errors,
         "trials": trials,
     }
 

@@ -25,6 +25,7 @@ log = logging.getLogger("stylemodule")
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 # Files and folders of a run; --overwrite removes exactly these.
 RUN_OUTPUTS = ("image.png", "config.yaml", "metrics.json", "tensorboard", "checkpoints")
 CHECKPOINT_DIR = "checkpoints"
@@ -195,7 +196,7 @@ def run_transfer_command(args: argparse.Namespace) -> int:
             f"stylemodule transfer: interrupted; continue with: stylemodule transfer --resume {output}",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     summary = ", ".join(
         f"{key} {value:.4g}"
         for key, value in record.items()
@@ -307,7 +308,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     if args.resume is not None:
         check_resume_alone(args)
         folder = args.resume
-        errors = search.resume_search(folder)
+        outcome = search.resume_search(folder)
     else:
         space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
         args.preset = args.preset or space_preset
@@ -340,13 +341,20 @@ def run_search_command(args: argparse.Namespace) -> int:
         )
         if settings.gpus_per_trial > 0 and config.accelerator == "cpu":
             raise InputError("--gpus-per-trial is set but --accelerator is cpu; drop one of them")
-        errors = search.run_search(settings, config, folder)
+        outcome = search.run_search(settings, config, folder)
         if settings.storage and "://" not in settings.storage:
             folder = Path(settings.storage) / folder.name  # where Ray wrote the trials
 
     print(write_report(folder))
-    if errors:
-        print(f"stylemodule search: {errors} trials ended in an error; see {folder / 'results.csv'}", file=sys.stderr)
+    if outcome.interrupted:
+        # Ray stops the experiment gracefully on Ctrl-C and fit() returns.
+        print(f"stylemodule search: interrupted; continue with: stylemodule search --resume {folder}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.errors:
+        print(
+            f"stylemodule search: {outcome.errors} trials ended in an error; see {folder / 'results.csv'}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return 0
 
@@ -397,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"stylemodule {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

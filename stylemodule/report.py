@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from stylemodule import keys
@@ -70,7 +71,9 @@ def _failures(folder: Path) -> tuple[int, str]:
     return max(1, len(blocks)), (last[0].strip()[:100] if last else "")
 
 
-def _stop_reason(folder: Path, results: list[dict[str, Any]], planned_steps: int | None) -> str:
+def _stop_reason(
+    folder: Path, results: list[dict[str, Any]], planned_steps: int | None, early_stopping: bool = True
+) -> str:
     last = results[-1] if results else {}
     step = last.get(keys.TUNE_STEP, 0)
     failures, detail = _failures(folder)
@@ -82,8 +85,11 @@ def _stop_reason(folder: Path, results: list[dict[str, Any]], planned_steps: int
         return f"error after {failures} failures: {detail}"
     elif not results:
         return "not started"
-    elif planned_steps is not None:
+    elif planned_steps is not None and early_stopping:
         reason = f"stopped early at step {step}"
+    elif planned_steps is not None:
+        # A FIFO search stops no trial, so the search ended before this one finished.
+        reason = f"interrupted at step {step}"
     else:
         reason = "unknown"
     if failures:
@@ -91,9 +97,19 @@ def _stop_reason(folder: Path, results: list[dict[str, Any]], planned_steps: int
     return reason
 
 
+def _scheduler(experiment: Path) -> str | None:
+    """Return the scheduler named in the experiment's search.yaml, or None without one."""
+    try:
+        document = yaml.safe_load((experiment / "search.yaml").read_text(encoding="utf-8"))
+        return document["settings"]["scheduler"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return None
+
+
 def collect_trials(experiment: Path) -> list[TrialRow]:
     """Read every trial folder (one holding Tune's params.json) of an experiment."""
     rows = []
+    early_stopping = _scheduler(experiment) != "fifo"
     for params_file in sorted(experiment.glob("*/params.json")):
         folder = params_file.parent
         params = json.loads(params_file.read_text(encoding="utf-8"))
@@ -115,7 +131,7 @@ def collect_trials(experiment: Path) -> list[TrialRow]:
                 final_mae=maes[-1] if maes else math.inf,
                 best_mae=min(finite) if finite else math.inf,
                 steps=steps,
-                stop_reason=_stop_reason(folder, results, config.steps if config else None),
+                stop_reason=_stop_reason(folder, results, config.steps if config else None, early_stopping),
             )
         )
     return rows

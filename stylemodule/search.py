@@ -21,6 +21,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -534,8 +536,42 @@ def trial_folder_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> int:
-    """Run a search into `folder`; returns the number of trials that ended in an error."""
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    """How a `tuner.fit()` ended."""
+
+    errors: int  # trials that ended in an error after their retries
+    interrupted: bool  # Ctrl-C stopped the experiment before every trial finished
+
+
+def fit_tuner(tuner: tune.Tuner) -> SearchOutcome:
+    """Run `tuner.fit()` and tell whether Ctrl-C interrupted it.
+
+    Tune (checked with Ray 2.60) replaces the SIGINT handler during fit(). On the first
+    Ctrl-C it stops the experiment, saves its state, puts the previous handler back and
+    returns normally, so a handler of ours that is back after fit() marks the interrupt.
+    """
+    watch = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    )
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if watch:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        results = tuner.fit()
+        interrupted = watch and signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, previous)
+    return SearchOutcome(errors=results.num_errors, interrupted=interrupted)
+
+
+def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> SearchOutcome:
+    """Run a search into `folder` and return its trial counts."""
     # Tune's classic progress table shows the hyperparameters beside the MAE.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -586,17 +622,15 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> int
             ),
             run_config=run_config(settings, folder, space),
         )
-        results = tuner.fit()
+        outcome = fit_tuner(tuner)
     finally:
         if not settings.address:
             ray.shutdown()
-    return results.num_errors
+    return outcome
 
 
-def resume_search(folder: Path) -> int:
-    """Restore an interrupted experiment: unfinished trials continue, errored ones are retried.
-
-    Returns the number of trials that ended in an error."""
+def resume_search(folder: Path) -> SearchOutcome:
+    """Restore an interrupted experiment: unfinished trials continue, errored ones are retried."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     settings, base = load_search_file(folder)
@@ -611,8 +645,8 @@ def resume_search(folder: Path) -> int:
         tuner = tune.Tuner.restore(
             path, trainable=make_trainable(settings, base), resume_unfinished=True, resume_errored=True
         )
-        results = tuner.fit()
+        outcome = fit_tuner(tuner)
     finally:
         if not settings.address:
             ray.shutdown()
-    return results.num_errors
+    return outcome

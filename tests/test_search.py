@@ -272,6 +272,9 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
         if (trial / "result.json").is_file() and result_rows(trial)
     }
     assert any(step < 30 for step in steps_before.values()), "every trial finished before the kill"
+    # FIFO stops no trial, so the report calls an unfinished trial interrupted.
+    write_report(experiment)
+    assert "interrupted at step" in (experiment / RESULTS_FILE).read_text()
 
     assert main(["search", "--resume", str(experiment)]) == 0
 
@@ -285,3 +288,27 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
             assert steps.count(3) == 1, f"{trial.name} restarted from scratch: {steps}"
     with open(experiment / RESULTS_FILE, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4
+
+
+@pytest.mark.slow
+def test_interrupted_search_exits_130(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", *TINY_SEARCH,
+               "--scheduler", "fifo", "--steps", "60", "--output", str(experiment), "--data-dir", str(data_dir)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(experiment.glob("trial_*/checkpoint_*")):
+            assert time.monotonic() < deadline, "no trial checkpoint within 180 s"
+            time.sleep(0.5)
+        # Ctrl-C: Ray stops the experiment gracefully and Tuner.fit() returns.
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+    assert driver.returncode == 130, stderr[-2000:]
+    assert f"continue with: stylemodule search --resume {experiment}" in stderr
+    assert (experiment / RESULTS_FILE).is_file()
