@@ -227,6 +227,8 @@ def run_data_command(args: argparse.Namespace) -> int:
     from stylemodule import data
 
     data_dir = data.resolve_data_dir(args.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise InputError(f"data folder {data_dir} is a file, not a folder; give a folder with --data-dir")
     entries = data.read_manifest(args.manifest) if args.manifest else data.read_manifest()
     if args.action == "fetch":
         if not (math.isfinite(args.timeout) and args.timeout > 0):

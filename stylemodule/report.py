@@ -222,6 +222,11 @@ def write_report(experiment: str | Path) -> str:
     write_contact_sheet(rows, experiment / CONTACT_SHEET)
 
     best = rows[0]
+    if not best.final_mae < keys.WORST_MAE:
+        # Every trial went non-finite, errored or never reported: there is no best to copy.
+        lines = [f"{len(rows)} trials in {experiment}; no trial reached a finite MAE"]
+        lines.append(f"table: {experiment / RESULTS_FILE}; contact sheet: {experiment / CONTACT_SHEET}")
+        return "\n".join(lines)
     lines = [f"{len(rows)} trials in {experiment}; best final MAE {best.final_mae:.4f} ({best.trial_id})"]
     if best.image is not None:
         with atomic_path(experiment / BEST_IMAGE) as temporary:

@@ -180,3 +180,10 @@ def test_fetch_timeout_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[st
     error = run_error(["data", "fetch", "--timeout", timeout, "--data-dir", str(tmp_path / "d")], capsys)
     assert "invalid --timeout" in error
     assert not (tmp_path / "d").exists()
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("")
+    error = run_error(["data", "verify", "--data-dir", str(not_a_folder)], capsys)
+    assert f"data folder {not_a_folder} is a file, not a folder" in error

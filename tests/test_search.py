@@ -242,6 +242,9 @@ def test_nonfinite_trial_counts_as_worst(tmp_path: Path, data_dir: Path) -> None
     (row,) = collect_trials(experiment)
     assert row.final_mae == search.WORST_MAE
     assert row.stop_reason.startswith("non-finite loss at step")
+    # With no finite trial there is no best image or config to offer.
+    assert "no trial reached a finite MAE" in write_report(experiment)
+    assert not (experiment / "best_config.yaml").exists()
 
 
 @pytest.mark.slow
