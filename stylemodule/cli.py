@@ -288,16 +288,16 @@ def check_resume_alone(args: argparse.Namespace) -> None:
     A restored experiment runs with the settings saved in its folder, so other options
     would be ignored without a word.
     """
-    given = [
+    other_options = [
         "--" + name.replace("_", "-")
         for name, value in vars(args).items()
         if name not in ("command", "handler", "defaults_of", "resume") and value != args.defaults_of(name)
     ]
-    if given:
+    if other_options:
         raise InputError(
             f"search --resume restores {args.resume} with the settings saved in its "
-            f"search.yaml, so it takes no other options, but {', '.join(given)} "
-            f"{'was' if len(given) == 1 else 'were'} given; "
+            f"search.yaml, so it takes no other options, but {', '.join(other_options)} "
+            f"{'was' if len(other_options) == 1 else 'were'} given; "
             "drop them, or start a new search with another --output"
         )
 

@@ -236,7 +236,7 @@ class StepReportCallback(TuneReportCheckpointCallback):
     """Tune's Lightning callback, reporting the optimisation step that ASHA counts in.
 
     `keys.TUNE_REPORTED` go to Tune at every evaluation before the last step, but a
-    checkpoint only every `checkpoint_every` steps, because an L-BFGS checkpoint holds
+    checkpoint only every `checkpoint_every` steps, because an L-BFGS checkpoint contains
     the whole history (29 MB at 128x96 pixels with 100 entries).
     """
 
@@ -538,7 +538,7 @@ def trial_folder_name(trial: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SearchOutcome:
-    """How a `tuner.fit()` ended."""
+    """Outcome of a `tuner.fit()`: trials in error and whether Ctrl-C cut it short."""
 
     errors: int  # trials that ended in an error after their retries
     interrupted: bool  # Ctrl-C stopped the experiment before every trial finished
