@@ -183,22 +183,22 @@ def test_run_ratios_pair_repeats() -> None:
 
 
 @pytest.mark.parametrize(
-    ("run_values", "expected"),
+    ("value", "run_values", "expected"),
     [
-        ([1.00, 1.04], "MET"),
-        ([1.06, 1.20], "MISSED"),
-        ([1.01, 1.02, 1.07], "MET (1 of 3 repeats above the limit)"),
-        ([1.04, 1.06, 1.07], "MISSED (1 of 3 repeats within the limit)"),
-        ([1.05], "MET"),
+        (1.02, [1.00, 1.04], "MET"),
+        (1.10, [1.06, 1.20], "MISSED"),
+        (1.02, [1.01, 1.02, 1.07], "MET (1 of 3 repeats above the limit)"),
+        (1.06, [1.04, 1.06, 1.07], "MISSED (1 of 3 repeats within the limit)"),
+        (1.05, [1.05], "MET"),
     ],
 )
-def test_timing_verdict_cases(run_values: list[float], expected: str) -> None:
-    assert benchmark.timing_verdict(run_values, 1.05) == expected
+def test_timing_verdict_cases(value: float, run_values: list[float], expected: str) -> None:
+    assert benchmark.timing_verdict(value, run_values, 1.05) == expected
 
 
 def test_repeats_by_size_and_device() -> None:
     cpu = {"repeats": None, "device": "cpu"}
-    assert [benchmark.repeats_for(cpu, size) for size in (128, 256, 512)] == [3, 3, 1]
+    assert [benchmark.repeats_for(cpu, size) for size in (128, 256, 512)] == [3, 5, 1]
     assert benchmark.repeats_for({"repeats": None, "device": "cuda"}, 512) == 3
     assert benchmark.repeats_for({"repeats": 2, "device": "cpu"}, 512) == 2
 
