@@ -73,10 +73,16 @@ def load_inputs(config: StyleConfig) -> Inputs:
         content = resize_long_edge(content, config.size)
     height, width = content.shape[-2:]
     if min(height, width) < min_side:
+        layer = deepest_layer(config.loss_layers)
+        if config.exact_shape:
+            raise ConfigError(
+                f"exact_size {config.exact_size} is too small: {layer} needs an image of at least "
+                f"{min_side} pixels on each side; use exact_size {max(width, min_side)}x{max(height, min_side)} or more"
+            )
         needed = math.ceil(min_side * max(height, width) / min(height, width))
         raise ConfigError(
-            f"size {config.size} gives a {width}x{height} image, but {deepest_layer(config.loss_layers)} "
-            f"needs at least {min_side} pixels on each side after pooling; use size {needed} or more"
+            f"size {config.size} gives a {width}x{height} image, but {layer} needs an image of at "
+            f"least {min_side} pixels on each side; use size {needed} or more"
         )
 
     style = load_image(config.style, role="style", **load)
@@ -182,13 +188,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty; give a .ckpt file from a run's checkpoints folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign files before it rejects them.
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file raises many types
-        # torch's first line names the problem; the rest suggests weights_only=False, which
-        # would run code from the file.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # torch's own message suggests weights_only=False, which would run code from the
+        # file, so only the exception type is passed on.
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {reason}; give a .ckpt file from a run's checkpoints folder"
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint of tensors and plain "
+            f"values ({type(error).__name__}); give a .ckpt file from a run's checkpoints folder"
         ) from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:

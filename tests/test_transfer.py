@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -218,9 +219,10 @@ def test_nonfinite_loss_exits_1(tmp_path: Path, data_dir: Path, capsys: pytest.C
         (["--style-layers", "relu9_1"], ["relu9_1", "style_layers"]),
         (["--content-weight", "0"], ["content_weight", "0"]),
         (["--size", "8"], ["size 8", "relu5_1", "at least 16 pixels"]),
+        (["--exact-size", "10x12"], ["exact_size 10x12 is too small", "use exact_size 16x16 or more"]),
         (["--content", "missing-photo.jpg"], ["content image not found", "missing-photo.jpg"]),
     ],
-    ids=["preset", "layer", "content-weight", "size", "content-file"],
+    ids=["preset", "layer", "content-weight", "size", "exact-size", "content-file"],
 )
 def test_bad_input_exit_code(
     options: list[str],
@@ -280,9 +282,10 @@ def test_resume_other_size_rejected(
         (["--lr", "0.01"], "lr=0.01, which a resumed run cannot change"),
         (["--seed", "5"], "seed=5, which a resumed run cannot change"),
         (["--optimizer", "adam"], "optimizer=adam"),
+        (["--no-normalize"], "normalize=False"),
         (["--preset", "tutorial"], "--preset tutorial does not apply with --resume"),
     ],
-    ids=["lr", "seed", "optimizer", "preset"],
+    ids=["lr", "seed", "optimizer", "normalize", "preset"],
 )
 def test_resume_fixed_setting_rejected(
     run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
@@ -337,8 +340,9 @@ def test_resume_loose_checkpoint_needs_output(
         (None, "is empty"),
         ({"state_dict": {"image": torch.zeros(1, 3, 24, 32)}, "global_step": 1}, "is not a checkpoint written by stylemodule"),
         (b"not a checkpoint", "cannot read checkpoint"),
+        ({"code": os.getcwd}, "cannot read checkpoint"),
     ],
-    ids=["empty", "hand-made", "other-file"],
+    ids=["empty", "hand-made", "other-file", "pickled-code"],
 )
 def test_resume_foreign_checkpoint_rejected(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], content: object, message: str
@@ -357,7 +361,7 @@ def test_resume_foreign_checkpoint_rejected(
     assert exit_code == EXIT_BAD_INPUT
     error = capsys.readouterr().err
     assert message in error
-    assert "weights_only=False" not in error
+    assert "weights_only" not in error  # torch's advice to load with weights_only=False
     assert not output.exists()
 
 
