@@ -265,9 +265,10 @@ class StyleTransferModule(pl.LightningModule):
 
 
 # Settings that a resumed run cannot change, because the checkpoint's image, optimiser
-# state and loss targets were made with them. Loss weights, steps and logging can change.
+# state and loss targets were made with them (the normalisation rescales every feature).
+# Loss weights, steps and logging can change.
 RESUME_FIXED = (
-    "content_layers", "style_layers", "weights", "pooling", "style_size",
+    "content_layers", "style_layers", "weights", "pooling", "normalize", "calibration_dir", "style_size",
     "optimizer", "lr", "history_size", "init", "init_blend", "seed",
 )  # fmt: skip
 
