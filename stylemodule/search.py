@@ -273,7 +273,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     """Ray Tune function trainable: one style transfer run in the trial's folder."""
     import torch
 
-    from stylemodule.run import run_transfer
+    from stylemodule.run import TENSORBOARD_DIR, run_transfer
 
     torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
@@ -283,6 +283,12 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
 
     resume = None
     checkpoint = tune.get_checkpoint()
+    logs = trial_dir / TENSORBOARD_DIR
+    if checkpoint is None and logs.exists():
+        # Tune restarted this trial before its first checkpoint: the run starts over, so its
+        # earlier curves would repeat the same steps in TensorBoard.
+        log.info("trial restarted from scratch; removing its earlier logs in %s", logs)
+        shutil.rmtree(logs)
     if checkpoint is not None:
         # Tune restarted this trial: continue from its last reported checkpoint.
         with checkpoint.as_directory() as folder:
