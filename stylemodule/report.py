@@ -150,6 +150,11 @@ def _flat_params(row: TrialRow) -> dict[str, Any]:
     return flat
 
 
+def _mae_cell(mae: float) -> float:
+    """Return the MAE for the table, with the worst-MAE marker of a non-finite trial as inf."""
+    return math.inf if mae >= keys.WORST_MAE else mae
+
+
 def write_results_csv(rows: list[TrialRow], path: Path) -> None:
     param_keys = sorted({key for row in rows for key in _flat_params(row)})
     buffer = io.StringIO()
@@ -159,7 +164,7 @@ def write_results_csv(rows: list[TrialRow], path: Path) -> None:
         flat = _flat_params(row)
         writer.writerow(
             [rank, row.trial_id, *(flat.get(key, "") for key in param_keys),
-             row.final_mae, row.best_mae, row.steps, row.stop_reason, row.folder.name]
+             _mae_cell(row.final_mae), _mae_cell(row.best_mae), row.steps, row.stop_reason, row.folder.name]
         )
     atomic_write_text(path, buffer.getvalue())
 
@@ -236,5 +241,5 @@ def write_report(experiment: str | Path) -> str:
         lines.append(f"best config: {experiment / BEST_CONFIG} (re-run: stylemodule transfer --config it)")
     lines.append(f"table: {experiment / RESULTS_FILE}; contact sheet: {experiment / CONTACT_SHEET}")
     for rank, row in enumerate(rows[:5], start=1):
-        lines.append(f"  #{rank} mae={row.final_mae:.4f} steps={row.steps} {row.stop_reason} {row.folder.name}")
+        lines.append(f"  #{rank} mae={_mae_cell(row.final_mae):.4f} steps={row.steps} {row.stop_reason} {row.folder.name}")
     return "\n".join(lines)
