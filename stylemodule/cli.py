@@ -43,6 +43,15 @@ def _none_or(convert: Any) -> Any:
     return parse
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default in its help, unless it is None or False (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """Add one option per config field; options not given stay absent so presets show through."""
     group = parser.add_argument_group("settings (defaults: the gatys2016 preset)")
@@ -249,7 +258,7 @@ def run_data_command(args: argparse.Namespace) -> int:
 def search_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "search",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         help="search hyperparameters with Ray Tune and ASHA",
         description=(
             "Run many style transfer trials with Ray Tune and rank them by MAE against the "
