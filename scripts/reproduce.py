@@ -140,7 +140,7 @@ def markdown_table(results: list[dict]) -> str:
         seconds = statistics.fmean(run["seconds"] for run in result["runs"])
         lines.append(
             f"| {result['variant']} | {result['description']} | {result['mae_mean']:.4f} | "
-            f"{result['mae_stdev']:.4f} | {len(result['runs'])} | {result['diverged']} | {seconds:.0f} |"
+            f"{result['mae_stdev']:.4f} | {len(result['runs'])} | {result['diverged']} | {seconds:.1f} |"
         )
     return "\n".join(lines)
 
