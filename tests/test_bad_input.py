@@ -187,3 +187,12 @@ def test_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     not_a_folder.write_text("")
     error = run_error(["data", "verify", "--data-dir", str(not_a_folder)], capsys)
     assert f"data folder {not_a_folder} is a file, not a folder" in error
+
+
+def test_search_help_states_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: outputs/search-<space>)" in text
+    assert ") (default: None)" not in text  # argparse's default after one stated in the help
+    assert "(default: asha)" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stylemodule import keys, search
 from stylemodule.cli import main
@@ -245,6 +246,9 @@ def test_nonfinite_trial_counts_as_worst(tmp_path: Path, data_dir: Path) -> None
     # With no finite trial there is no best image or config to offer.
     assert "no trial reached a finite MAE" in write_report(experiment)
     assert not (experiment / "best_config.yaml").exists()
+    with open(experiment / RESULTS_FILE, newline="") as handle:
+        (table_row,) = list(csv.DictReader(handle))
+    assert table_row["final_mae"] == "inf"  # not the 1e9 that ranks it last for ASHA
 
 
 @pytest.mark.slow
@@ -291,6 +295,13 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
             assert steps.count(3) == 1, f"{trial.name} restarted from scratch: {steps}"
     with open(experiment / RESULTS_FILE, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4
+    for trial in trials:
+        # A trial continued from its checkpoint, or restarted from scratch with its earlier
+        # logs removed, shows each evaluation once.
+        events = EventAccumulator(str(trial / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        mae_steps = [event.step for event in events.Scalars(keys.METRIC_MAE)]
+        assert len(mae_steps) == len(set(mae_steps)), f"{trial.name}: {mae_steps}"
 
 
 @pytest.mark.slow
