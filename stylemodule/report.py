@@ -83,6 +83,9 @@ def _stop_reason(
         reason = "max steps"
     elif failures:
         return f"error after {failures} failures: {detail}"
+    elif not results and (folder / "config.yaml").is_file():
+        # The trainable writes its config first, so the trial ran but reported nothing.
+        return "interrupted before its first evaluation"
     elif not results:
         return "not started"
     elif planned_steps is not None and early_stopping:

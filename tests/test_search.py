@@ -122,6 +122,28 @@ def test_unknown_space_lists_names() -> None:
         search.resolve_space("papers")
 
 
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        ({}, "not started"),
+        ({"config.yaml": "steps: 12\n"}, "interrupted before its first evaluation"),
+        ({"config.yaml": "steps: 12\n", "result.json": '{"step": 6, "mae": 0.2}\n'}, "stopped early at step 6"),
+        ({"config.yaml": "steps: 12\n", "result.json": '{"step": 12, "mae": 0.2}\n'}, "max steps"),
+    ],
+    ids=["pending", "no-report", "asha", "finished"],
+)
+def test_stop_reason_from_trial_files(tmp_path: Path, files: dict[str, str], reason: str) -> None:
+    trial = tmp_path / "trial_0"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    for name, text in files.items():
+        (trial / name).write_text(text)
+
+    (row,) = collect_trials(tmp_path)
+
+    assert row.stop_reason == reason
+
+
 def test_concurrency_beyond_memory_rejected() -> None:
     config = GATYS2016.replace(size=4096)
     with pytest.raises(InputError, match=r"--max-concurrent 64 needs about .* GB .* use --max-concurrent \d+ or less"):
