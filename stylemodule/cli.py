@@ -59,7 +59,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         base, optional = field_type(f)
         option = "--" + f.name.replace("_", "-")
         default = getattr(config_module.GATYS2016, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
+        # A None default means "not set"; the field's help says what happens then.
+        help_text = f.metadata["help"] if default is None else f"{f.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             group.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)

@@ -196,3 +196,12 @@ def test_search_help_states_each_default_once(capsys: pytest.CaptureFixture[str]
     assert "(default: outputs/search-<space>)" in text
     assert ") (default: None)" not in text  # argparse's default after one stated in the help
     assert "(default: asha)" in text
+
+
+@pytest.mark.parametrize("command", ["transfer", "search"])
+def test_config_help_omits_none_defaults(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: 0.0008)" in text  # content_weight of the gatys2016 preset
