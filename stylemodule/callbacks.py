@@ -224,6 +224,21 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        """Save last.ckpt when Ctrl-C stops the run, so that --resume loses no finished step.
+
+        Other exceptions save nothing: after a non-finite loss the image is no longer valid.
+        """
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, KeyboardInterrupt):
+            # NOTE: Ctrl-C that lands between L-BFGS's update of the image and Lightning's
+            # step count would save the image one step ahead; the closure, where nearly all
+            # of a step's time goes, comes before that update.
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
         if self.save_last and self.saved_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -98,23 +98,30 @@ def add_data_dir_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = None) -> None:
+def check_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = None) -> list[Path]:
     """Reject an output folder that already contains a run, unless overwriting it or
-    resuming the run it contains (`resuming_from` is that run's folder)."""
+    resuming the run it contains (`resuming_from` is that run's folder).
+
+    Returns the files and folders that `--overwrite` will remove, so that the caller can
+    remove them once every other check has passed.
+    """
     if path.exists() and not path.is_dir():
         raise InputError(f"output {path} is a file, not a folder; choose another --output")
     existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
     if not existing:
-        return
+        return []
     if resuming_from is not None and path.resolve() == resuming_from.resolve():
-        return
+        return []
     if not overwrite:
         raise InputError(
             f"output folder {path} already contains a run ({', '.join(existing)}); "
             "pass --overwrite to replace it, --resume to continue it, or choose another --output"
         )
-    for name in existing:
-        target = path / name
+    return [path / name for name in existing]
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for target in paths:
         if target.is_dir():
             shutil.rmtree(target)
         else:
@@ -163,7 +170,7 @@ def resolve_resume(path: Path) -> Path:
 
 def run_transfer_command(args: argparse.Namespace) -> int:
     from stylemodule.data import resolve_data_dir
-    from stylemodule.run import check_resume, load_inputs, read_checkpoint, run_transfer
+    from stylemodule.run import build_module, check_resume, load_inputs, read_checkpoint, run_transfer
 
     resume = resolve_resume(args.resume) if args.resume else None
     checkpoint = read_checkpoint(resume) if resume is not None else {}
@@ -179,12 +186,6 @@ def run_transfer_command(args: argparse.Namespace) -> int:
         base = base_config(args)
     config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
 
-    inputs = None
-    if resume is not None:
-        # Every check before the output folder is touched: the images, then the checkpoint.
-        inputs = load_inputs(config)
-        check_resume(checkpoint, config, (1, 3, *inputs.content.shape[-2:]), resume)
-
     if args.output is not None:
         output = args.output
     elif resume is not None:
@@ -196,16 +197,25 @@ def run_transfer_command(args: argparse.Namespace) -> int:
         output = resume.resolve().parent.parent
     else:
         output = Path("outputs") / (args.preset or DEFAULT_PRESET)
-    prepare_output_dir(output, args.overwrite, resume.resolve().parent.parent if resume is not None else None)
+    replaced = check_output_dir(output, args.overwrite, resume.resolve().parent.parent if resume is not None else None)
+
+    # Every check comes before --overwrite removes anything: the accelerator, the images,
+    # the checkpoint, then the weights and the normalisation while the module is built.
     check_accelerator(config.accelerator)
+    inputs = load_inputs(config)
+    if resume is not None:
+        check_resume(checkpoint, config, (1, 3, *inputs.content.shape[-2:]), resume)
+    module = build_module(config, inputs)
+    remove_paths(replaced)
 
     try:
-        record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress, inputs=inputs)
+        record = run_transfer(config, output, resume=resume, progress_bar=not args.no_progress, module=module)
     except KeyboardInterrupt:
-        print(
-            f"stylemodule transfer: interrupted; continue with: stylemodule transfer --resume {output}",
-            file=sys.stderr,
-        )
+        if (output / CHECKPOINT_DIR / "last.ckpt").is_file():
+            hint = f"continue with: stylemodule transfer --resume {output}"
+        else:
+            hint = f"no checkpoint was saved; start again with --output {output} --overwrite"
+        print(f"stylemodule transfer: interrupted; {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     summary = ", ".join(
         f"{key} {value:.4g}"

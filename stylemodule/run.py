@@ -257,16 +257,17 @@ def run_transfer(
     resume: str | Path | None = None,
     progress_bar: bool = True,
     callbacks: Sequence[Callback] = (),
-    inputs: Inputs | None = None,
+    module: StyleTransferModule | None = None,
     checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Fit one style transfer run and write its results; returns the metrics record.
 
+    `module` is the config's module when the caller has built it already.
     `checkpoints=False` leaves out the checkpoints/ folder, for callers such as Ray Tune
     trials that save their own.
     """
     output_dir = Path(output_dir)
-    module = build_module(config, inputs)
+    module = module or build_module(config)
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         check_resume(checkpoint, config, module.image.shape, resume)

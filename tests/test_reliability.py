@@ -92,6 +92,36 @@ def test_transfer_killed_then_resumed_matches(tmp_path: Path, data_dir: Path) ->
     assert logged == list(range(16)), "the TensorBoard curve has a gap or a restart"
 
 
+@pytest.mark.slow
+def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) -> None:
+    steps = "16"
+    reference = tmp_path / "uninterrupted"
+    assert main([*TRANSFER, "--steps", steps, "--output", str(reference), "--data-dir", str(data_dir)]) == 0
+
+    # No periodic checkpoint before step 100: only the one saved on Ctrl-C can resume it.
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "stylemodule.cli", *TRANSFER, "--steps", steps, "--checkpoint-every", "100",
+               "--output", str(interrupted), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (interrupted / "image.png").exists(), 120, "the run wrote no image within 120 s")
+        process.send_signal(signal.SIGINT)
+        _, error = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert f"stylemodule transfer --resume {interrupted}" in error
+    assert not (interrupted / "metrics.json").exists(), "the run finished before it was interrupted"
+    assert (interrupted / "checkpoints" / "last.ckpt").is_file()
+
+    assert main([*TRANSFER[:1], "--resume", str(interrupted), "--no-progress", "--data-dir", str(data_dir)]) == 0
+    assert np.abs(png_pixels(interrupted / "image.png") - png_pixels(reference / "image.png")).max() <= 1
+    resumed = json.loads((interrupted / "metrics.json").read_text())
+    uninterrupted = json.loads((reference / "metrics.json").read_text())
+    assert resumed["metric/mae"] == pytest.approx(uninterrupted["metric/mae"], abs=1e-5)
+
+
 def run_search_killing_trial(experiment: Path, data_dir: Path, max_failures: int) -> int:
     """Run a one-trial search, SIGKILL its worker after the report at step 6, return the exit code."""
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", "--samples", "1",

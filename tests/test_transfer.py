@@ -148,6 +148,13 @@ def test_existing_output_needs_overwrite(
     assert str(output) in error
     assert stale.exists()
 
+    # --overwrite removes the old run only once the new run's inputs have passed their checks.
+    exit_code = main(transfer_args(output, data_dir, "--overwrite", "--content", "missing-photo.jpg"))
+
+    assert exit_code == EXIT_BAD_INPUT
+    assert stale.exists()
+    assert (output / "image.png").exists()
+
     exit_code = main(transfer_args(output, data_dir, "--overwrite"))
 
     assert exit_code == 0
