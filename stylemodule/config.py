@@ -223,8 +223,8 @@ class StyleConfig:
                 "precision 16-mixed needs a gradient scaler, which L-BFGS cannot use; "
                 "use bf16-mixed or 32-true, or optimizer adam"
             )
-        if not self.tv_weight >= 0:
-            raise ConfigError(f"invalid tv_weight {self.tv_weight}; it must be 0 or greater")
+        if not 0 <= self.tv_weight < math.inf:
+            raise ConfigError(f"invalid tv_weight {self.tv_weight}; it must be a finite number, 0 or greater")
         if not 0 <= self.init_blend <= 1:
             raise ConfigError(f"invalid init_blend {self.init_blend}; it must lie between 0 and 1")
 
@@ -243,10 +243,10 @@ class StyleConfig:
                 f"has {len(self.style_layers)}; give one weight per style layer"
             )
         for weight in self.style_layer_weights:
-            if not weight > 0:
+            if not 0 < weight < math.inf:
                 raise ConfigError(
                     f"invalid style layer weight {weight} in {list(self.style_layer_weights)}; "
-                    "every weight must be greater than 0 (drop the layer instead)"
+                    "every weight must be a finite number greater than 0 (drop the layer instead)"
                 )
 
         if self.weights not in WEIGHT_SOURCES and not self.weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
