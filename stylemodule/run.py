@@ -86,7 +86,15 @@ def load_inputs(config: StyleConfig) -> Inputs:
         )
 
     style = load_image(config.style, role="style", **load)
-    style = resize_exact(style, style_shape(tuple(style.shape[-2:]), (height, width), config.style_size))
+    shape = style_shape(tuple(style.shape[-2:]), (height, width), config.style_size)
+    if min(shape) < min_side:
+        # Only style_size area keeps the painting's aspect, so only a very long painting gets here.
+        raise ConfigError(
+            f"style image {config.style} resized to the content's area is {shape[1]}x{shape[0]}, but "
+            f"{deepest_layer(config.loss_layers)} needs at least {min_side} pixels on each side; "
+            "use style_size content, a larger size, or crop the style image"
+        )
+    style = resize_exact(style, shape)
 
     reference = None
     if config.reference:

@@ -175,6 +175,43 @@ def test_asha_settings_rejected(
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "space", "message"),
+    [
+        (["--reference", ""], None, "--reference is empty"),
+        ([], "steps: {choice: [10, 20]}\n", "the search space samples steps"),
+        (["--searcher", "optuna", "--eval-every", "2"], "content_weight: {grid: [1.0e-3, 1.0e-4]}\n", "--searcher optuna cannot sample grid values"),
+        (["--max-concurrent", "0"], None, "invalid --max-concurrent 0"),
+    ],
+    ids=["no-reference", "sampled-steps", "optuna-grid", "max-concurrent"],
+)
+def test_search_plan_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], space: str | None, message: str
+) -> None:
+    if space is not None:
+        (tmp_path / "space.yaml").write_text(space)
+        options = [*options, "--space", str(tmp_path / "space.yaml")]
+    error = run_error(["search", "--size", "32", "--steps", "6", *options, "--output", str(tmp_path / "x")], capsys)
+    assert message in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_space_file_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "space.yaml"
+    folder.mkdir()
+    error = run_error(["search", "--space", str(folder), "--output", str(tmp_path / "x")], capsys)
+    assert f"cannot read search space file {folder}" in error
+
+
+def test_overwrite_keeps_experiment_on_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    (folder / "search.yaml").write_text("settings: {}\n")
+    error = run_error(["search", "--output", str(folder), "--overwrite", "--samples", "0"], capsys)
+    assert "invalid --samples 0" in error
+    assert (folder / "search.yaml").exists()  # removed only once every check has passed
+
+
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
 def test_fetch_timeout_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str) -> None:
     error = run_error(["data", "fetch", "--timeout", timeout, "--data-dir", str(tmp_path / "d")], capsys)
@@ -205,3 +242,18 @@ def test_config_help_omits_none_defaults(command: str, capsys: pytest.CaptureFix
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     assert "(default: 0.0008)" in text  # content_weight of the gatys2016 preset
+
+
+def test_long_style_image_too_small_at_content_area(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    painting = tmp_path / "long.png"
+    Image.new("RGB", (4000, 20), "navy").save(painting)  # 16 pixels high at the content's area
+    error = run_error(
+        ["transfer", "--style", str(painting), "--style-size", "area", "--size", "32",
+         "--output", str(tmp_path / "run")],
+        capsys,
+    )  # fmt: skip
+    assert f"style image {painting} resized to the content's area is" in error
+    assert "use style_size content" in error
+    assert not (tmp_path / "run").exists()
