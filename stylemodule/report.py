@@ -71,8 +71,33 @@ def _failures(folder: Path) -> tuple[int, str]:
     return max(1, len(blocks)), (last[0].strip()[:100] if last else "")
 
 
+# Tune's statuses of a trial that has not finished.
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def _trial_statuses(experiment: Path) -> dict[str, str]:
+    """Return Tune's status of each trial id, from the newest experiment state file.
+
+    NOTE: the file's layout is Tune's own, read here as Ray 2.60 writes it. Where it
+    differs, this returns nothing, and the stop reasons come from the results alone.
+    """
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        document = json.loads(states[-1].read_text(encoding="utf-8"))
+        trials = [json.loads(entry[0]) for entry in document["trial_data"]]
+        return {trial["trial_id"]: trial["status"] for trial in trials}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
 def _stop_reason(
-    folder: Path, results: list[dict[str, Any]], planned_steps: int | None, early_stopping: bool = True
+    folder: Path,
+    results: list[dict[str, Any]],
+    planned_steps: int | None,
+    early_stopping: bool = True,
+    status: str | None = None,
 ) -> str:
     last = results[-1] if results else {}
     step = last.get(keys.TUNE_STEP, 0)
@@ -88,10 +113,10 @@ def _stop_reason(
         return "interrupted before its first evaluation"
     elif not results:
         return "not started"
-    elif planned_steps is not None and early_stopping:
+    elif planned_steps is not None and early_stopping and status not in UNFINISHED:
         reason = f"stopped early at step {step}"
     elif planned_steps is not None:
-        # A FIFO search stops no trial, so the search ended before this one finished.
+        # Tune had not finished this trial, or a FIFO search, which stops no trial, ended first.
         reason = f"interrupted at step {step}"
     else:
         reason = "unknown"
@@ -113,6 +138,7 @@ def collect_trials(experiment: Path) -> list[TrialRow]:
     """Read every trial folder (one holding Tune's params.json) of an experiment."""
     rows = []
     early_stopping = _scheduler(experiment) != "fifo"
+    statuses = _trial_statuses(experiment)
     for params_file in sorted(experiment.glob("*/params.json")):
         folder = params_file.parent
         params = json.loads(params_file.read_text(encoding="utf-8"))
@@ -134,7 +160,13 @@ def collect_trials(experiment: Path) -> list[TrialRow]:
                 final_mae=maes[-1] if maes else math.inf,
                 best_mae=min(finite) if finite else math.inf,
                 steps=steps,
-                stop_reason=_stop_reason(folder, results, config.steps if config else None, early_stopping),
+                stop_reason=_stop_reason(
+                    folder,
+                    results,
+                    config.steps if config else None,
+                    early_stopping,
+                    statuses.get(folder.name.removeprefix("trial_")),
+                ),
             )
         )
     return rows
