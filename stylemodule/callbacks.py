@@ -233,9 +233,9 @@ class RunCheckpoint(ModelCheckpoint):
         """
         super().on_exception(trainer, pl_module, exception)
         if isinstance(exception, KeyboardInterrupt):
-            # NOTE: Ctrl-C that lands between L-BFGS's update of the image and Lightning's
-            # step count would save the image one step ahead; the closure, where nearly all
-            # of a step's time goes, comes before that update.
+            # NOTE: Ctrl-C between L-BFGS's update of the image and Lightning's step count
+            # would save the image one step ahead. That window is short, because the
+            # closure, where nearly all of a step's time goes, comes before the update.
             self._save_last_if_behind(trainer)
 
     def _save_last_if_behind(self, trainer: pl.Trainer) -> None:

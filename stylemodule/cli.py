@@ -59,7 +59,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         base, optional = field_type(f)
         option = "--" + f.name.replace("_", "-")
         default = getattr(config_module.GATYS2016, f.name)
-        # A None default means "not set"; the field's help says what happens then.
+        # A None default means "not set", and the field's help describes that case.
         help_text = f.metadata["help"] if default is None else f"{f.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
@@ -152,11 +152,12 @@ def transfer_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_transfer_command)
 
 
-def check_accelerator(accelerator: str) -> None:
-    """Reject a GPU accelerator on a machine without CUDA before any work starts."""
+def check_accelerator(accelerator: str, cluster: bool = False) -> None:
+    """Reject a GPU accelerator on a machine without CUDA before any work starts; on a
+    cluster (`cluster`) the workers' GPUs count, not this machine's."""
     import torch
 
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda") and not cluster and not torch.cuda.is_available():
         raise InputError(
             f"--accelerator {accelerator} needs a CUDA GPU, but torch finds none; use auto or cpu"
         )
@@ -294,9 +295,16 @@ def search_parser(subparsers: Any) -> None:
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what CPUs and memory allow)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
     parser.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:PORT (default: start a local Ray)")
-    parser.add_argument("--storage", help="where Ray stores the experiment: a folder or a URI Ray supports")
+    parser.add_argument(
+        "--storage",
+        help="where Ray stores the experiment: a folder (the experiment goes to STORAGE/<name of "
+        "--output>) or a URI Ray supports (search.yaml stays in --output, the trials go to the URI)",
+    )
     parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the local Ray")
-    parser.add_argument("--overwrite", action="store_true", help="replace an experiment already in --output")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="remove the experiment folder in --output, with everything in it, and start anew",
+    )
     add_data_dir_option(parser)
     add_config_options(parser)
     parser.set_defaults(handler=run_search_command, defaults_of=parser.get_default)
@@ -325,7 +333,6 @@ def check_resume_alone(args: argparse.Namespace) -> None:
 def run_search_command(args: argparse.Namespace) -> int:
     from stylemodule import search
     from stylemodule.data import resolve_data_dir
-    from stylemodule.report import write_report
 
     if args.resume is not None:
         check_resume_alone(args)
@@ -336,13 +343,16 @@ def run_search_command(args: argparse.Namespace) -> int:
         args.preset = args.preset or space_preset
         config = config_from_args(args, base_config(args)).with_absolute_paths(resolve_data_dir(args.data_dir))
         folder = args.output or Path("outputs") / f"search-{Path(args.space).stem}"
-        if (folder / search.SEARCH_FILE).exists():
-            if not args.overwrite:
-                raise InputError(
-                    f"output folder {folder} already contains an experiment; pass --resume {folder} "
-                    "to continue it, --overwrite to replace it, or choose another --output"
-                )
-            shutil.rmtree(folder)
+        storage = args.storage
+        if storage and "://" not in storage:
+            # A storage folder contains the experiment itself, named after --output.
+            folder, storage = Path(storage) / folder.name, None
+        exists = (folder / search.SEARCH_FILE).exists()
+        if exists and not args.overwrite:
+            raise InputError(
+                f"output folder {folder} already contains an experiment; pass --resume {folder} "
+                "to continue it, --overwrite to replace it, or choose another --output"
+            )
         settings = search.SearchSettings(
             # A space file becomes absolute, so that --resume works from any folder.
             space=str(Path(args.space).resolve()) if Path(args.space).is_file() else args.space,
@@ -350,7 +360,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             searcher=args.searcher,
             sampler_seed=args.sampler_seed,
-            grace_period=args.grace_period if args.grace_period is not None else max(1, config.steps // 6),
+            grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
             grid_stride=args.grid_stride,
             cpus_per_trial=args.cpus_per_trial,
@@ -358,16 +368,39 @@ def run_search_command(args: argparse.Namespace) -> int:
             max_concurrent=args.max_concurrent,
             max_failures=args.max_failures,
             address=args.address,
-            storage=args.storage,
+            storage=storage,
             dashboard=args.dashboard,
         )
-        if settings.gpus_per_trial > 0 and config.accelerator == "cpu":
-            raise InputError("--gpus-per-trial is set but --accelerator is cpu; drop one of them")
-        outcome = search.run_search(settings, config, folder)
-        if settings.storage and "://" not in settings.storage:
-            folder = Path(settings.storage) / folder.name  # where Ray wrote the trials
+        check_accelerator(config.accelerator, cluster=args.address is not None)
+        plan = search.plan_search(settings, config)
+        if exists:
+            # Every check has passed, so the old experiment can go.
+            shutil.rmtree(folder)
+        outcome = search.run_search(plan.settings, config, folder, plan)
 
-    print(write_report(folder))
+    return finish_search(folder, outcome)
+
+
+def finish_search(folder: Path, outcome: Any) -> int:
+    """Print the report of a finished or interrupted search and return the exit code."""
+    from stylemodule import search
+    from stylemodule.report import write_report
+
+    settings, _ = search.load_search_file(folder)
+    if settings.storage:
+        # NOTE: the report reads the trial folders from disk; a URI storage keeps them remote.
+        print(
+            f"the trials are in {settings.storage.rstrip('/')}/{folder.name}; copy that folder "
+            f"here and run `stylemodule report` on it for results.csv and the contact sheet"
+        )
+    else:
+        try:
+            print(write_report(folder))
+        except InputError as error:
+            # A search stopped before any trial started has nothing to report.
+            if not outcome.interrupted:
+                raise
+            print(f"no report: {error}", file=sys.stderr)
     if outcome.interrupted:
         # Ray stops the experiment gracefully on Ctrl-C and fit() returns.
         print(f"stylemodule search: interrupted; continue with: stylemodule search --resume {folder}", file=sys.stderr)

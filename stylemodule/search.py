@@ -131,6 +131,10 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YAMLLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"search space file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"cannot read search space file {path} ({type(error).__name__}); give a YAML text file"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML in search space file {path}: {error}") from None
     if not isinstance(raw, dict):
@@ -156,7 +160,7 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
                 space[key] = getattr(tune, function)(*args)
             except (ValueError, TypeError, AssertionError) as error:
                 raise ConfigError(f"{path}: {key}: invalid {name}{args}: {error}") from None
-        elif isinstance(spec, dict) and not isinstance(spec, list) and key != "optimizer_settings":
+        elif isinstance(spec, dict) and key != "optimizer_settings":
             domains = ", ".join(DOMAINS)
             raise ConfigError(
                 f"{path}: {key}: unknown domain {spec!r}; write a fixed value or one of "
@@ -197,7 +201,8 @@ def trial_config(params: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
     values: dict[str, Any] = {}
     for key, value in params.items():
         if key == SIMPLEX_KEY:
-            values["style_layer_weights"] = simplex_point(list(value))
+            draws = list(value.values()) if isinstance(value, Mapping) else list(value)
+            values["style_layer_weights"] = simplex_point(draws)
         elif isinstance(value, Mapping):
             values.update(value)
         else:
@@ -244,6 +249,16 @@ class StepReportCallback(TuneReportCheckpointCallback):
         super().__init__(**kwargs)
         self.checkpoint_every = checkpoint_every
         self.max_steps = max_steps
+        self.saved_period = 0  # step // checkpoint_every at the last checkpoint
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Tell whether the report at `step` carries a checkpoint: the first report at or
+        after each multiple of `checkpoint_every`, which need not be an evaluation step."""
+        period = step // self.checkpoint_every
+        if period <= self.saved_period:
+            return False
+        self.saved_period = period
+        return True
 
     def _get_report_dict(self, trainer: Any, pl_module: Any) -> dict[str, Any] | None:
         if trainer.global_step >= self.max_steps:
@@ -261,12 +276,22 @@ class StepReportCallback(TuneReportCheckpointCallback):
 
     @contextlib.contextmanager
     def _get_checkpoint(self, trainer: Any) -> Iterator[Any]:
-        step = trainer.global_step
-        if step % self.checkpoint_every == 0:
+        if self.checkpoint_due(trainer.global_step):
             with super()._get_checkpoint(trainer) as checkpoint:
                 yield checkpoint
         else:
             yield None
+
+
+def trial_accelerator(config: StyleConfig, gpu_ids: list[Any]) -> StyleConfig:
+    """Run a trial on the CPU when Tune gave it no GPU and the accelerator is auto.
+
+    Ray leaves the GPUs visible to a trial that asked for none, so Lightning's auto
+    would put every such trial on the first GPU without Ray counting it.
+    """
+    if config.accelerator == "auto" and not gpu_ids:
+        return StyleConfig.from_dict({"accelerator": "cpu"}, base=config)
+    return config
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) -> None:
@@ -278,7 +303,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    config = trial_config(params, StyleConfig.from_dict(base))
+    config = trial_accelerator(trial_config(params, StyleConfig.from_dict(base)), ray.get_gpu_ids())
     trial_dir = Path(tune.get_context().get_trial_dir())
 
     resume = None
@@ -317,7 +342,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
         )
         return
     final = {name: record[metric] for name, metric in keys.TUNE_FINAL.items() if metric in record}
-    final.setdefault(keys.TUNE_MAE, WORST_MAE if config.reference else float("nan"))
+    final.setdefault(keys.TUNE_MAE, WORST_MAE)
     tune.report({**final, keys.TUNE_STEP: record["steps"], "stop_reason": record["stop_reason"]})
 
 
@@ -384,7 +409,7 @@ class SearchSettings:
     scheduler: str = "asha"
     searcher: str = "random"
     sampler_seed: int = 0
-    grace_period: int = 50
+    grace_period: int | None = None  # None: a sixth of the steps
     reduction_factor: float = 2.0
     grid_stride: int = 10
     cpus_per_trial: float = 1.0
@@ -448,12 +473,13 @@ def build_scheduler(settings: SearchSettings, base: StyleConfig) -> Any:
     )
 
 
-def build_searcher(settings: SearchSettings, limit: int) -> Any:
-    """Random or grid sampling (seeded), or Optuna's TPE; both run at most `limit` trials at once."""
+def build_searcher(settings: SearchSettings, limit: int | None) -> Any:
+    """Random or grid sampling (seeded), or Optuna's TPE; both run at most `limit` trials at
+    once, or as many as Ray's resources allow when `limit` is None."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if settings.searcher == "random":
-        return BasicVariantGenerator(random_state=settings.sampler_seed, max_concurrent=limit)
+        return BasicVariantGenerator(random_state=settings.sampler_seed, max_concurrent=limit or 0)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401 - OptunaSearch needs it at run time
@@ -461,7 +487,26 @@ def build_searcher(settings: SearchSettings, limit: int) -> Any:
         raise InputError(
             "--searcher optuna needs Optuna: pip install 'stylemodule[optuna]', or use --searcher random"
         ) from None
-    return ConcurrencyLimiter(OptunaSearch(seed=settings.sampler_seed), max_concurrent=limit)
+    searcher = OptunaSearch(seed=settings.sampler_seed)
+    return searcher if limit is None else ConcurrencyLimiter(searcher, max_concurrent=limit)
+
+
+def optuna_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the space in a form Optuna takes: named parameters and no grid.
+
+    Tune names Optuna's parameters by their path in the space, which a list index breaks,
+    so the simplex draws become a mapping with names 0 to 4.
+    """
+    grids = [key for key, domain in space.items() if isinstance(domain, Mapping) and "grid_search" in domain]
+    if grids:
+        raise InputError(
+            f"--searcher optuna cannot sample grid values ({', '.join(grids)}); "
+            "use --searcher random, or a space with choice domains"
+        )
+    converted = dict(space)
+    if isinstance(converted.get(SIMPLEX_KEY), list):
+        converted[SIMPLEX_KEY] = {str(index): draw for index, draw in enumerate(converted[SIMPLEX_KEY])}
+    return converted
 
 
 def start_ray(settings: SearchSettings) -> None:
@@ -576,14 +621,42 @@ def fit_tuner(tuner: tune.Tuner) -> SearchOutcome:
     return SearchOutcome(errors=results.num_errors, interrupted=interrupted)
 
 
-def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> SearchOutcome:
-    """Run a search into `folder` and return its trial counts."""
-    # Tune's classic progress table shows the hyperparameters beside the MAE.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Tune warns when trials checkpoint more often than every 5 s, as small ones do.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+def fixed_values(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
+    """Return the base config with the values that the space fixes, as every trial gets them."""
+    from ray.tune.search.sample import Domain
 
+    fixed = {
+        key: value
+        for key, value in space.items()
+        if not isinstance(value, (Domain, list)) and not (isinstance(value, Mapping) and "grid_search" in value)
+    }
+    return trial_config(fixed, base)
+
+
+def largest_size(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
+    """Return `base` at the largest image size the space can sample, for the memory estimate."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    domain = space.get("size")
+    if isinstance(domain, Categorical):
+        return StyleConfig.from_dict({"size": max(domain.categories)}, base=base)
+    if isinstance(domain, Domain) and hasattr(domain, "upper"):
+        return StyleConfig.from_dict({"size": int(domain.upper)}, base=base)
+    return base
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPlan:
+    """A search that passed every check: its settings, space, scheduler and searcher."""
+
+    settings: SearchSettings
+    space: dict[str, Any]
+    scheduler: Any
+    searcher: Any
+
+
+def plan_search(settings: SearchSettings, base: StyleConfig) -> SearchPlan:
+    """Check a search's settings, space and inputs before anything is written or started."""
     if settings.scheduler not in SCHEDULERS:
         raise InputError(f"invalid --scheduler '{settings.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
     if settings.searcher not in SEARCHERS:
@@ -594,39 +667,73 @@ def run_search(settings: SearchSettings, base: StyleConfig, folder: Path) -> Sea
         raise InputError(f"invalid --cpus-per-trial {settings.cpus_per_trial}; it must be above 0")
     if settings.max_failures < 0:
         raise InputError(f"invalid --max-failures {settings.max_failures}; use 0 or more")
+    if settings.max_concurrent is not None and settings.max_concurrent < 1:
+        raise InputError(f"invalid --max-concurrent {settings.max_concurrent}; it must be 1 or more")
+    if not base.reference:
+        raise InputError("a search ranks its trials by MAE against the reference image, but --reference is empty; give one")
     _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
+    if "steps" in space and not isinstance(space["steps"], (int, float)):
+        raise InputError(
+            "the search space samples steps, but ASHA needs one step count for every trial; "
+            "fix steps in the space or with --steps"
+        )
     check_space(space, base)
-    check_inputs(space, base)
-    scheduler = build_scheduler(settings, base)
+    fixed = fixed_values(space, base)
+    check_inputs(space, fixed)
+    if settings.grace_period is None:
+        settings = dataclasses.replace(settings, grace_period=max(1, fixed.steps // 6))
+    scheduler = build_scheduler(settings, fixed)
 
+    if settings.gpus_per_trial > 0 and fixed.accelerator == "cpu":
+        raise InputError("--gpus-per-trial is set but --accelerator is cpu; drop one of them")
+    if settings.gpus_per_trial == 0 and fixed.accelerator == "gpu":
+        raise InputError("--accelerator gpu needs --gpus-per-trial above 0, so that Tune gives each trial a GPU")
     if settings.gpus_per_trial > 0 and not settings.address and torch_cuda_count() == 0:
         # Tune would keep every trial pending, waiting for a GPU that never comes.
         raise InputError(
             f"--gpus-per-trial {settings.gpus_per_trial} needs a GPU, but this machine has none; "
             "drop the option, or join a cluster with GPUs with --address"
         )
-    cpus = os.cpu_count() or 1
-    limit = concurrency_limit(base, settings.max_concurrent, cpus, settings.cpus_per_trial)
     if settings.address:
-        limit = settings.max_concurrent or 0  # the cluster's resources decide
-
+        limit = settings.max_concurrent  # the cluster's resources decide, not this machine's
+    else:
+        cpus = os.cpu_count() or 1
+        limit = concurrency_limit(largest_size(space, fixed), settings.max_concurrent, cpus, settings.cpus_per_trial)
+    if settings.searcher == "optuna":
+        space = optuna_space(space)
     searcher = build_searcher(settings, limit)
+    return SearchPlan(settings, space, scheduler, searcher)
+
+
+def run_search(
+    settings: SearchSettings, base: StyleConfig, folder: Path, plan: SearchPlan | None = None
+) -> SearchOutcome:
+    """Run a search into `folder` and return its outcome; `plan` is the search's checked plan
+    when the caller has made it already."""
+    # Tune's classic progress table shows the hyperparameters beside the MAE.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune warns when trials checkpoint more often than every 5 s, as small ones do.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+    plan = plan or plan_search(settings, base)
+    settings = plan.settings
     folder.mkdir(parents=True, exist_ok=True)
     save_search_file(folder, settings, base)
     start_ray(settings)
     try:
         tuner = tune.Tuner(
             make_trainable(settings, base),
-            param_space=space,
+            param_space=plan.space,
             tune_config=tune.TuneConfig(
                 metric=keys.TUNE_MAE,
                 mode="min",
-                scheduler=scheduler,
-                search_alg=searcher,
+                scheduler=plan.scheduler,
+                search_alg=plan.searcher,
                 num_samples=settings.samples,
                 trial_dirname_creator=trial_folder_name,
             ),
-            run_config=run_config(settings, folder, space),
+            run_config=run_config(settings, folder, plan.space),
         )
         outcome = fit_tuner(tuner)
     finally:

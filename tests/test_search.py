@@ -144,6 +144,52 @@ def test_stop_reason_from_trial_files(tmp_path: Path, files: dict[str, str], rea
     assert row.stop_reason == reason
 
 
+def test_checkpoint_at_first_report_after_each_period() -> None:
+    callback = search.StepReportCallback(checkpoint_every=100, max_steps=1000, filename="x.ckpt")
+    # Reports every 30 steps: a checkpoint at the first report in each period of 100.
+    due = [step for step in range(30, 400, 30) if callback.checkpoint_due(step)]
+    assert due == [120, 210, 300]
+
+
+def test_trial_without_gpu_runs_on_cpu() -> None:
+    assert search.trial_accelerator(GATYS2016, []).accelerator == "cpu"
+    assert search.trial_accelerator(GATYS2016, [0]).accelerator == "auto"
+    assert search.trial_accelerator(GATYS2016.replace(accelerator="gpu"), []).accelerator == "gpu"
+
+
+def test_plan_uses_space_fixed_steps(tmp_path: Path, data_dir: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("steps: 120\ncontent_weight: {loguniform: [1.0e-5, 1.0e-3]}\n")
+    base = GATYS2016.replace(size=32).with_absolute_paths(data_dir)
+    plan = search.plan_search(search.SearchSettings(space=str(space)), base)
+    assert plan.settings.grace_period == 20  # a sixth of the space's steps, not the preset's 2000
+    assert plan.scheduler._max_t == 120
+
+
+def test_plan_on_cluster_skips_local_memory_check(data_dir: Path) -> None:
+    base = GATYS2016.replace(size=4096).with_absolute_paths(data_dir)
+    with pytest.raises(InputError, match="--max-concurrent 500 needs about"):
+        search.plan_search(search.SearchSettings(max_concurrent=500), base)
+    plan = search.plan_search(search.SearchSettings(max_concurrent=500, address="auto"), base)
+    assert plan.searcher.max_concurrent == 500
+
+
+def test_plan_rejects_gpu_without_gpus_per_trial(data_dir: Path) -> None:
+    base = GATYS2016.replace(size=32, accelerator="gpu").with_absolute_paths(data_dir)
+    with pytest.raises(InputError, match="--accelerator gpu needs --gpus-per-trial above 0"):
+        search.plan_search(search.SearchSettings(), base)
+
+
+def test_optuna_samples_paper_space() -> None:
+    from ray.tune.search.optuna import OptunaSearch  # the test extra installs Optuna
+
+    space = search.optuna_space(search.paper_space())
+    searcher = OptunaSearch(space=space, metric=keys.TUNE_MAE, mode="min", seed=0)
+    config = search.trial_config(searcher.suggest("trial-1"), GATYS2016)
+    assert math.isclose(sum(config.style_layer_weights), 1.0)
+    assert 1e-7 <= config.content_weight <= 1e-1
+
+
 def test_concurrency_beyond_memory_rejected() -> None:
     config = GATYS2016.replace(size=4096)
     with pytest.raises(InputError, match=r"--max-concurrent 64 needs about .* GB .* use --max-concurrent \d+ or less"):
@@ -238,17 +284,36 @@ def test_relative_paths_work_from_any_folder(tmp_path: Path, data_dir: Path, mon
     inputs.mkdir()
     (inputs / "photo.jpg").write_bytes((data_dir / "Tuebingen_Neckarfront_gatys_paper_002.jpg").read_bytes())
     monkeypatch.chdir(tmp_path)
-    experiment = Path("relative-experiment")
+    # A storage folder holds the whole experiment, named after --output.
     code = main(
         ["search", "--space", "paper", "--samples", "1", "--size", "32", "--steps", "3", "--eval-every", "3",
-         "--scheduler", "fifo", "--content", "inputs/photo.jpg", "--output", str(experiment),
-         "--data-dir", str(data_dir)]
+         "--scheduler", "fifo", "--content", "inputs/photo.jpg", "--output", "relative-experiment",
+         "--storage", "store", "--data-dir", str(data_dir)]
     )
     assert code == 0
-    (trial,) = trial_folders(tmp_path / experiment)
+    experiment = tmp_path / "store" / "relative-experiment"
+    (trial,) = trial_folders(experiment)
     assert result_rows(trial)[-1][keys.TUNE_STEP] == 3
-    saved = search.load_search_file(tmp_path / experiment)[1]
+    saved = search.load_search_file(experiment)[1]
     assert saved.content == str(inputs / "photo.jpg")
+    assert (experiment / RESULTS_FILE).is_file()
+    assert not (tmp_path / "relative-experiment").exists()
+
+
+@pytest.mark.slow
+def test_optuna_search_runs(tmp_path: Path, data_dir: Path) -> None:
+    experiment = tmp_path / "experiment"
+    code = main(
+        ["search", "--space", "paper", "--searcher", "optuna", "--samples", "2", "--size", "32", "--steps", "3",
+         "--eval-every", "3", "--scheduler", "fifo", "--output", str(experiment), "--data-dir", str(data_dir)]
+    )
+    assert code == 0
+    trials = trial_folders(experiment)
+    assert len(trials) == 2
+    for trial in trials:
+        assert result_rows(trial)  # ran and reported (max pooling can diverge within 3 steps)
+        weights = load_yaml(trial / "config.yaml").style_layer_weights
+        assert math.isclose(sum(weights), 1.0)
 
 
 @pytest.mark.slow
@@ -329,8 +394,9 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
 @pytest.mark.slow
 def test_interrupted_search_exits_130(tmp_path: Path, data_dir: Path) -> None:
     experiment = tmp_path / "experiment"
+    # ASHA stops no trial before step 30, so every trial still runs when Ctrl-C comes.
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", *TINY_SEARCH,
-               "--scheduler", "fifo", "--steps", "60", "--output", str(experiment), "--data-dir", str(data_dir)]
+               "--grace-period", "30", "--steps", "60", "--output", str(experiment), "--data-dir", str(data_dir)]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -347,4 +413,6 @@ def test_interrupted_search_exits_130(tmp_path: Path, data_dir: Path) -> None:
 
     assert driver.returncode == 130, stderr[-2000:]
     assert f"continue with: stylemodule search --resume {experiment}" in stderr
-    assert (experiment / RESULTS_FILE).is_file()
+    table = (experiment / RESULTS_FILE).read_text()
+    assert "interrupted at step" in table
+    assert "stopped early" not in table  # under ASHA too, a trial cut short is not one ASHA stopped
