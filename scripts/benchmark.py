@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stylemodule.files import atomic_write_text
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPOSITORY / "docs" / "benchmarks.md"
 REFERENCE_IMAGES = (
@@ -515,7 +517,7 @@ WORKERS = {
 def run_worker(kind: str, spec_json: str, result_path: str) -> int:
     quiet_libraries()
     result = WORKERS[kind](json.loads(spec_json))
-    Path(result_path).write_text(json.dumps(result), encoding="utf-8")
+    atomic_write_text(Path(result_path), json.dumps(result))
     return 0
 
 
@@ -1339,7 +1341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     output = Path(options["output"])
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(document + "\n", encoding="utf-8")
+    atomic_write_text(output, document + "\n")
     print(document)
     log.info("wrote %s", output)
     return 0
