@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +41,19 @@ def result_rows(trial: Path) -> list[dict]:
 
 def trial_folders(experiment: Path) -> list[Path]:
     return sorted(path.parent for path in experiment.glob("trial_*/params.json"))
+
+
+def kill_processes_using(folder: Path) -> None:
+    """SIGKILL every process whose command line or environment names `folder` (Linux)."""
+    marker = str(folder).encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            found = marker in (proc / "cmdline").read_bytes() or marker in (proc / "environ").read_bytes()
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+        if found and int(proc.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def png_mae(png: Path, reference: Path) -> float:
@@ -343,7 +359,10 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     experiment = tmp_path / "experiment"
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", *TINY_SEARCH,
                "--scheduler", "fifo", "--steps", "30", "--output", str(experiment), "--data-dir", str(data_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A Ray folder of its own marks the processes of this driver's Ray; a short path, because
+    # Ray's Unix socket paths must stay under 108 bytes.
+    ray_folder = Path(tempfile.mkdtemp(prefix="ray-test-", dir="/tmp"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_folder)}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # Wait until some trial has reported a checkpoint, then kill the driver and its Ray.
@@ -358,9 +377,10 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    # Stop the Ray processes the killed driver started (its session lives on otherwise).
-    ray_cli = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, check=False)
+    # Stop the Ray processes the killed driver started (its session lives on otherwise), and
+    # only those: `ray stop` would also end every other Ray on the machine.
+    kill_processes_using(ray_folder)
+    shutil.rmtree(ray_folder, ignore_errors=True)
     steps_before = {
         trial.name: result_rows(trial)[-1][keys.TUNE_STEP] for trial in trial_folders(experiment)
         if (trial / "result.json").is_file() and result_rows(trial)
