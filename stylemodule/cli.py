@@ -105,8 +105,7 @@ def check_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = N
     Returns the files and folders that `--overwrite` will remove, so that the caller can
     remove them once every other check has passed.
     """
-    if path.exists() and not path.is_dir():
-        raise InputError(f"output {path} is a file, not a folder; choose another --output")
+    check_folder_path(path, "--output")
     existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
     if not existing:
         return []
@@ -118,6 +117,15 @@ def check_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = N
             "pass --overwrite to replace it, --resume to continue it, or choose another --output"
         )
     return [path / name for name in existing]
+
+
+def check_folder_path(path: Path, option: str) -> None:
+    """Reject a folder path that is, or lies under, an existing file."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{option} {path} cannot be a folder: {folder} is a file; choose another {option}")
+            return
 
 
 def remove_paths(paths: list[Path]) -> None:
@@ -326,7 +334,7 @@ def check_resume_alone(args: argparse.Namespace) -> None:
             f"search --resume restores {args.resume} with the settings saved in its "
             f"search.yaml, so it takes no other options, but {', '.join(other_options)} "
             f"{'was' if len(other_options) == 1 else 'were'} given; "
-            "drop them, or start a new search with another --output"
+            f"drop {'it' if len(other_options) == 1 else 'them'}, or start a new search with another --output"
         )
 
 
@@ -347,6 +355,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         if storage and "://" not in storage:
             # A storage folder contains the experiment itself, named after --output.
             folder, storage = Path(storage) / folder.name, None
+        check_folder_path(folder, "--storage" if args.storage and storage is None else "--output")
         exists = (folder / search.SEARCH_FILE).exists()
         if exists and not args.overwrite:
             raise InputError(

@@ -215,6 +215,9 @@ class StyleConfig:
         if self.exact_size:
             _parse_exact_size(self.exact_size)
 
+        for name in ("content", "style"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty; give the path of the {name} image")
         for name in ("content_weight", "style_weight", "lr"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be a finite number greater than 0")

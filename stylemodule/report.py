@@ -50,13 +50,19 @@ def _read_results(folder: Path) -> list[dict[str, Any]]:
     path = folder / "result.json"
     if not path.is_file():
         return []
-    rows = []
+    rows: list[dict[str, Any]] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line cut short by a crash: keep what came before it
+            step = row.get(keys.TUNE_STEP)
+            if isinstance(step, (int, float)):
+                # A trial resumed from an older checkpoint repeats steps: the run it left
+                # behind from that step on no longer counts.
+                rows = [earlier for earlier in rows if not earlier.get(keys.TUNE_STEP, -1) >= step]
+            rows.append(row)
     return rows
 
 
@@ -176,10 +182,12 @@ def _flat_params(row: TrialRow) -> dict[str, Any]:
     """Return a trial's sampled parameters as config fields, mappings merged in."""
     flat = {}
     for key, value in row.params.items():
-        if isinstance(value, dict):
+        if key == keys.SIMPLEX_KEY:
+            # The raw draws (a list, or a mapping under Optuna) mean nothing to a reader.
+            if row.config is not None:
+                flat["style_layer_weights"] = [round(weight, 4) for weight in row.config.style_layer_weights]
+        elif isinstance(value, dict):
             flat.update(value)
-        elif key == keys.SIMPLEX_KEY and row.config is not None:
-            flat["style_layer_weights"] = [round(weight, 4) for weight in row.config.style_layer_weights]
         else:
             flat[key] = value
     return flat
@@ -250,6 +258,8 @@ def write_contact_sheet(rows: list[TrialRow], path: Path, thumb: int = 256, colu
 def write_report(experiment: str | Path) -> str:
     """Write the report files into the experiment folder; returns a short text summary."""
     experiment = Path(experiment)
+    if experiment.is_file():
+        raise InputError(f"{experiment} is a file, not an experiment folder; give the --output folder of a search")
     if not experiment.is_dir():
         raise InputError(f"experiment folder not found: {experiment}; give the --output folder of a search")
     rows = collect_trials(experiment)

@@ -341,6 +341,10 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
             }
         )
         return
+    finally:
+        if resume is not None:
+            # A copy of Tune's checkpoint, as large as the L-BFGS history: the fit has read it.
+            resume.unlink(missing_ok=True)
     final = {name: record[metric] for name, metric in keys.TUNE_FINAL.items() if metric in record}
     final.setdefault(keys.TUNE_MAE, WORST_MAE)
     tune.report({**final, keys.TUNE_STEP: record["steps"], "stop_reason": record["stop_reason"]})
@@ -665,6 +669,15 @@ def plan_search(settings: SearchSettings, base: StyleConfig) -> SearchPlan:
         raise InputError(f"invalid --samples {settings.samples}; it must be 1 or more")
     if settings.cpus_per_trial <= 0:
         raise InputError(f"invalid --cpus-per-trial {settings.cpus_per_trial}; it must be above 0")
+    cpus = os.cpu_count() or 1
+    if not settings.address and settings.cpus_per_trial > cpus:
+        # The local Ray has this machine's CPUs, so every trial would wait forever.
+        raise InputError(
+            f"--cpus-per-trial {settings.cpus_per_trial} is more than this machine's {cpus} CPUs; "
+            f"use {cpus} or less, or join a cluster with --address"
+        )
+    if not 0 <= settings.gpus_per_trial < math.inf:
+        raise InputError(f"invalid --gpus-per-trial {settings.gpus_per_trial}; it must be 0 or more")
     if settings.max_failures < 0:
         raise InputError(f"invalid --max-failures {settings.max_failures}; use 0 or more")
     if settings.max_concurrent is not None and settings.max_concurrent < 1:
@@ -697,7 +710,6 @@ def plan_search(settings: SearchSettings, base: StyleConfig) -> SearchPlan:
     if settings.address:
         limit = settings.max_concurrent  # the cluster's resources decide, not this machine's
     else:
-        cpus = os.cpu_count() or 1
         limit = concurrency_limit(largest_size(space, fixed), settings.max_concurrent, cpus, settings.cpus_per_trial)
     if settings.searcher == "optuna":
         space = optuna_space(space)

@@ -193,7 +193,10 @@ def load_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise ConfigError(f"cannot load weights file {path}: {error}") from None
+        raise ConfigError(
+            f"cannot load weights file {path}: it is not a PyTorch file of tensors "
+            f"({type(error).__name__}); give a VGG19 state dict saved with torch.save"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -182,8 +182,10 @@ def test_asha_settings_rejected(
         ([], "steps: {choice: [10, 20]}\n", "the search space samples steps"),
         (["--searcher", "optuna", "--eval-every", "2"], "content_weight: {grid: [1.0e-3, 1.0e-4]}\n", "--searcher optuna cannot sample grid values"),
         (["--max-concurrent", "0"], None, "invalid --max-concurrent 0"),
+        (["--gpus-per-trial", "-1"], None, "invalid --gpus-per-trial -1.0; it must be 0 or more"),
+        (["--cpus-per-trial", "4096"], None, "--cpus-per-trial 4096.0 is more than this machine's"),
     ],
-    ids=["no-reference", "sampled-steps", "optuna-grid", "max-concurrent"],
+    ids=["no-reference", "sampled-steps", "optuna-grid", "max-concurrent", "gpus-per-trial", "cpus-per-trial"],
 )
 def test_search_plan_rejected(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], space: str | None, message: str
@@ -257,3 +259,18 @@ def test_long_style_image_too_small_at_content_area(tmp_path: Path, capsys: pyte
     assert f"style image {painting} resized to the content's area is" in error
     assert "use style_size content" in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["transfer", "search"])
+def test_output_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("")
+    error = run_error([command, "--output", str(blocker / "run")], capsys)
+    assert f"{blocker} is a file; choose another --output" in error
+
+
+def test_report_on_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "results.csv"
+    blocker.write_text("")
+    error = run_error(["report", str(blocker)], capsys)
+    assert f"{blocker} is a file, not an experiment folder" in error

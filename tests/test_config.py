@@ -231,6 +231,7 @@ INVALID_CHANGES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("16-mixed with lbfgs", {"precision": "16-mixed"}, ["16-mixed", "bf16-mixed", "adam"]),
     ("negative tv weight", {"tv_weight": -1}, ["tv_weight -1", "0 or greater"]),
     ("nan tv weight", {"tv_weight": math.nan}, ["tv_weight nan", "0 or greater"]),
+    ("empty content", {"content": ""}, ["content is empty", "path of the content image"]),
     ("infinite tv weight", {"tv_weight": math.inf}, ["tv_weight inf", "finite"]),
     ("infinite layer weight", {"style_layer_weights": [0.2, math.inf, 0.2, 0.2, 0.2]}, ["weight inf", "finite"]),
     ("keep checkpoints zero", {"keep_checkpoints": 0}, ["keep_checkpoints 0", "-1"]),

@@ -160,6 +160,22 @@ def test_stop_reason_from_trial_files(tmp_path: Path, files: dict[str, str], rea
     assert row.stop_reason == reason
 
 
+def test_trial_rewound_to_older_checkpoint(tmp_path: Path) -> None:
+    trial = tmp_path / "trial_0"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    (trial / "config.yaml").write_text("steps: 12\n")
+    # The first run reached step 9 (best MAE 0.1); the resumed one restarted from step 3.
+    maes = [(3, 0.3), (6, 0.2), (9, 0.1), (6, 0.25)]
+    (trial / "result.json").write_text("".join(json.dumps({"step": step, "mae": mae}) + "\n" for step, mae in maes))
+
+    (row,) = collect_trials(tmp_path)
+
+    assert row.steps == 6
+    assert row.best_mae == 0.25
+    assert row.final_mae == 0.25
+
+
 def test_checkpoint_at_first_report_after_each_period() -> None:
     callback = search.StepReportCallback(checkpoint_every=100, max_steps=1000, filename="x.ckpt")
     # Reports every 30 steps: a checkpoint at the first report in each period of 100.
@@ -226,8 +242,8 @@ def test_resume_rejects_folder_without_search(tmp_path: Path, capsys: pytest.Cap
 @pytest.mark.parametrize(
     ("options", "named"),
     [
-        (["--samples", "3"], "--samples was given"),
-        (["--size", "32", "--scheduler", "fifo"], "--scheduler, --size were given"),
+        (["--samples", "3"], "--samples was given; drop it,"),
+        (["--size", "32", "--scheduler", "fifo"], "--scheduler, --size were given; drop them,"),
         (["--data-dir", "elsewhere"], "--data-dir was given"),
     ],
 )
@@ -330,6 +346,10 @@ def test_optuna_search_runs(tmp_path: Path, data_dir: Path) -> None:
         assert result_rows(trial)  # ran and reported (max pooling can diverge within 3 steps)
         weights = load_yaml(trial / "config.yaml").style_layer_weights
         assert math.isclose(sum(weights), 1.0)
+    with open(experiment / RESULTS_FILE, newline="") as handle:
+        columns = csv.DictReader(handle).fieldnames
+    assert "style_layer_weights" in columns
+    assert "0" not in columns  # Optuna's raw simplex draws
 
 
 @pytest.mark.slow

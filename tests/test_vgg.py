@@ -606,6 +606,7 @@ def test_weights_file_not_torch(tmp_path: Path) -> None:
 
     assert str(path) in str(raised.value)
     assert "cannot load weights file" in str(raised.value)
+    assert "give a VGG19 state dict saved with torch.save" in str(raised.value)
 
 
 def test_weights_file_missing_tensors(tmp_path: Path, caffe_state: dict[str, torch.Tensor]) -> None:
