@@ -112,7 +112,9 @@ def _stop_reason(
         reason = last["stop_reason"]
     elif planned_steps is not None and step >= planned_steps:
         reason = "max steps"
-    elif failures:
+    elif failures and status in (None, "ERROR"):
+        # A trial that Tune retried and ran on is not an error; without Tune's state the
+        # report cannot tell, so it names the failure.
         return f"error after {failures} failures: {detail}"
     elif not results and (folder / "config.yaml").is_file():
         # The trainable writes its config first, so the trial ran but reported nothing.

@@ -176,6 +176,21 @@ def test_trial_rewound_to_older_checkpoint(tmp_path: Path) -> None:
     assert row.final_mae == 0.25
 
 
+def test_retried_trial_that_ran_on_is_not_an_error(tmp_path: Path) -> None:
+    trial = tmp_path / "trial_00001"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    (trial / "config.yaml").write_text("steps: 12\n")
+    (trial / "result.json").write_text('{"step": 6, "mae": 0.2}\n')
+    (trial / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05)\nThe actor is unavailable\n")
+    state = {"trial_data": [[json.dumps({"trial_id": "00001", "status": "TERMINATED"}), "{}"]]}
+    (tmp_path / "experiment_state-2026-12-05.json").write_text(json.dumps(state))
+
+    (row,) = collect_trials(tmp_path)
+
+    assert row.stop_reason == "stopped early at step 6 (retried after 1 failure)"
+
+
 def test_checkpoint_at_first_report_after_each_period() -> None:
     callback = search.StepReportCallback(checkpoint_every=100, max_steps=1000, filename="x.ckpt")
     # Reports every 30 steps: a checkpoint at the first report in each period of 100.
