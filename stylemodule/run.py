@@ -129,6 +129,7 @@ def make_trainer(
     callbacks: Sequence[Callback] = (),
     progress_bar: bool = True,
     checkpoints: bool = True,
+    accelerator: str | None = None,
 ) -> pl.Trainer:
     """Build a Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps."""
     output_dir = Path(output_dir)
@@ -166,7 +167,7 @@ def make_trainer(
         default_root_dir=output_dir,
         max_steps=config.steps,
         max_epochs=-1,
-        accelerator=config.accelerator,
+        accelerator=accelerator or config.accelerator,
         devices=1,
         precision=config.precision,
         logger=TensorBoardLogger(output_dir, name="", version=TENSORBOARD_DIR, default_hp_metric=False),
@@ -267,10 +268,12 @@ def run_transfer(
     callbacks: Sequence[Callback] = (),
     module: StyleTransferModule | None = None,
     checkpoints: bool = True,
+    accelerator: str | None = None,
 ) -> dict[str, Any]:
     """Fit one style transfer run and write its results; returns the metrics record.
 
-    `module` is the config's module when the caller has built it already.
+    `module` is the config's module when the caller has built it already, and
+    `accelerator` replaces the config's for this run only.
     `checkpoints=False` leaves out the checkpoints/ folder, for callers such as Ray Tune
     trials that save their own.
     """
@@ -283,7 +286,12 @@ def run_transfer(
     save_yaml(config, output_dir / CONFIG_FILE)
 
     trainer = make_trainer(
-        config, output_dir, callbacks=callbacks, progress_bar=progress_bar, checkpoints=checkpoints
+        config,
+        output_dir,
+        callbacks=callbacks,
+        progress_bar=progress_bar,
+        checkpoints=checkpoints,
+        accelerator=accelerator,
     )
     try:
         with warnings.catch_warnings():

@@ -283,15 +283,17 @@ class StepReportCallback(TuneReportCheckpointCallback):
             yield None
 
 
-def trial_accelerator(config: StyleConfig, gpu_ids: list[Any]) -> StyleConfig:
-    """Run a trial on the CPU when Tune gave it no GPU and the accelerator is auto.
+def trial_accelerator(config: StyleConfig, gpu_ids: list[Any]) -> str:
+    """Return the Lightning accelerator of a trial: the CPU when Tune gave it no GPU and
+    the config says auto.
 
     Ray leaves the GPUs visible to a trial that asked for none, so Lightning's auto
-    would put every such trial on the first GPU without Ray counting it.
+    would put every such trial on the first GPU without Ray counting it. The trial's
+    config keeps auto, so that its config.yaml re-runs on a GPU where there is one.
     """
     if config.accelerator == "auto" and not gpu_ids:
-        return StyleConfig.from_dict({"accelerator": "cpu"}, base=config)
-    return config
+        return "cpu"
+    return config.accelerator
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) -> None:
@@ -303,7 +305,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    config = trial_accelerator(trial_config(params, StyleConfig.from_dict(base)), ray.get_gpu_ids())
+    config = trial_config(params, StyleConfig.from_dict(base))
     trial_dir = Path(tune.get_context().get_trial_dir())
 
     resume = None
@@ -329,7 +331,13 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) 
     )
     try:
         record = run_transfer(
-            config, trial_dir, resume=resume, progress_bar=False, callbacks=[report], checkpoints=False
+            config,
+            trial_dir,
+            resume=resume,
+            progress_bar=False,
+            callbacks=[report],
+            checkpoints=False,
+            accelerator=trial_accelerator(config, ray.get_gpu_ids()),
         )
     except NonFiniteLossError as error:
         # Count the trial as worst, so that ASHA ranks it below every finite run.
