@@ -84,7 +84,9 @@ def test_tutorial_optimisation() -> None:
 
 
 def test_presets_table_names() -> None:
-    assert set(PRESETS) == {"gatys2016", "tutorial", "paper-search-best"}
+    assert set(PRESETS) == {
+        "gatys2016", "tutorial", "paper-search-best", "paper-search-best-256", "paper-search-stars-256"
+    }
     assert PRESETS["tutorial"] == TUTORIAL
 
 
