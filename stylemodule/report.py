@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +68,22 @@ def _read_results(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _failures(folder: Path) -> tuple[int, str]:
-    """(number of failures Tune recorded for a trial, the last failure's first line)."""
+def _failures(folder: Path) -> tuple[int, str, float | None]:
+    """(number of failures Tune recorded for a trial, the last failure's first line, and
+    its time as a Unix timestamp, or None where the header cannot be read)."""
     path = folder / "error.txt"
     if not path.is_file():
-        return 0, ""
+        return 0, "", None
     text = path.read_text(encoding="utf-8", errors="replace")
     blocks = text.split("Failure # ")[1:]
-    last = blocks[-1].splitlines()[1:2] if blocks else []
-    return max(1, len(blocks)), (last[0].strip()[:100] if last else "")
+    last = blocks[-1].splitlines() if blocks else []
+    when = None
+    match = re.search(r"occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)", last[0]) if last else None
+    if match:
+        # Tune writes the local time, as the results' timestamps count it.
+        when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d_%H-%M-%S").timestamp()
+    detail = last[1].strip()[:100] if len(last) > 1 else ""
+    return max(1, len(blocks)), detail, when
 
 
 # Tune's statuses of a trial that has not finished.
@@ -107,14 +116,14 @@ def _stop_reason(
 ) -> str:
     last = results[-1] if results else {}
     step = last.get(keys.TUNE_STEP, 0)
-    failures, detail = _failures(folder)
+    failures, detail, failed_at = _failures(folder)
+    # A trial that Tune retried and that reported again ran on from its checkpoint.
+    ran_on = failed_at is not None and last.get("timestamp", 0) > failed_at
     if isinstance(last.get("stop_reason"), str):
         reason = last["stop_reason"]
     elif planned_steps is not None and step >= planned_steps:
         reason = "max steps"
-    elif failures and status in (None, "ERROR"):
-        # A trial that Tune retried and ran on is not an error; without Tune's state the
-        # report cannot tell, so it names the failure.
+    elif failures and (status == "ERROR" or not ran_on):
         return f"error after {failures} failures: {detail}"
     elif not results and (folder / "config.yaml").is_file():
         # The trainable writes its config first, so the trial ran but reported nothing.

@@ -285,7 +285,7 @@ class StepReportCallback(TuneReportCheckpointCallback):
 
 def trial_accelerator(config: StyleConfig, gpu_ids: list[Any]) -> str:
     """Return the Lightning accelerator of a trial: the CPU when Tune gave it no GPU and
-    the config says auto.
+    the config's accelerator is auto.
 
     Ray leaves the GPUs visible to a trial that asked for none, so Lightning's auto
     would put every such trial on the first GPU without Ray counting it. The trial's
@@ -762,6 +762,28 @@ def run_search(
     return outcome
 
 
+def cover_deleted_checkpoints(folder: Path) -> None:
+    """Copy each unfinished trial's newest checkpoint to the name of the one before it.
+
+    Tune deletes a trial's older checkpoint (num_to_keep) before it saves the experiment
+    state that stops naming it. A driver killed in between leaves a state that names the
+    deleted checkpoint, and Tune then cannot restore that trial (checked with Ray 2.60).
+    The copy replaces it, so the trial continues from its newest checkpoint.
+    """
+    for trial in folder.glob("trial_*"):
+        checkpoints = sorted(trial.glob("checkpoint_[0-9]*"))
+        results = trial / "result.json"
+        lines = [line for line in results.read_text(encoding="utf-8").splitlines() if line.strip()] if results.is_file() else []
+        if not checkpoints or (lines and '"stop_reason"' in lines[-1]):
+            continue  # nothing to restore from, or the trial has finished
+        newest = checkpoints[-1]
+        index = int(newest.name.removeprefix("checkpoint_"))
+        previous = trial / f"checkpoint_{index - 1:06d}"
+        if index > 0 and not previous.exists():
+            log.info("copying %s to %s, which Tune's saved state may name", newest, previous.name)
+            shutil.copytree(newest, previous)
+
+
 def resume_search(folder: Path) -> SearchOutcome:
     """Restore an interrupted experiment: unfinished trials continue, errored ones are retried."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -773,6 +795,8 @@ def resume_search(folder: Path) -> SearchOutcome:
             f"cannot restore {path}: it contains no Tune experiment state; start a new search "
             "into it with --overwrite"
         )
+    if not settings.storage:
+        cover_deleted_checkpoints(folder)
     start_ray(settings)
     try:
         tuner = tune.Tuner.restore(

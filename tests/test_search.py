@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import json
 import math
 import os
@@ -181,14 +182,21 @@ def test_retried_trial_that_ran_on_is_not_an_error(tmp_path: Path) -> None:
     trial.mkdir()
     (trial / "params.json").write_text("{}")
     (trial / "config.yaml").write_text("steps: 12\n")
-    (trial / "result.json").write_text('{"step": 6, "mae": 0.2}\n')
-    (trial / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05)\nThe actor is unavailable\n")
+    # Reported again at 12:00:05, after the failure at 12:00:00 (local time, as Tune writes it).
+    failed_at = datetime.datetime(2026, 12, 5, 12, 0, 0).timestamp()
+    (trial / "result.json").write_text(json.dumps({"step": 6, "mae": 0.2, "timestamp": failed_at + 5}) + "\n")
+    (trial / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05_12-00-00)\nThe actor is unavailable\n")
     state = {"trial_data": [[json.dumps({"trial_id": "00001", "status": "TERMINATED"}), "{}"]]}
     (tmp_path / "experiment_state-2026-12-05.json").write_text(json.dumps(state))
 
     (row,) = collect_trials(tmp_path)
 
     assert row.stop_reason == "stopped early at step 6 (retried after 1 failure)"
+
+    # The same failure after the last report: the trial did not run on.
+    (trial / "result.json").write_text(json.dumps({"step": 6, "mae": 0.2, "timestamp": failed_at - 5}) + "\n")
+    (row,) = collect_trials(tmp_path)
+    assert row.stop_reason == "error after 1 failures: The actor is unavailable"
 
 
 def test_checkpoint_at_first_report_after_each_period() -> None:
@@ -426,6 +434,16 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     # FIFO stops no trial, so the report calls an unfinished trial interrupted.
     write_report(experiment)
     assert "interrupted at step" in (experiment / RESULTS_FILE).read_text()
+
+    # Tune deletes an older checkpoint before it saves the state that stops naming it; a
+    # driver killed in between leaves the state naming a deleted checkpoint. Recreate
+    # that: the checkpoint the state names moves to the next name.
+    unfinished = [trial for trial in trial_folders(experiment)
+                  if list(trial.glob("checkpoint_*")) and "stop_reason" not in result_rows(trial)[-1]]
+    assert unfinished, "no unfinished trial with a checkpoint"
+    (named,) = unfinished[0].glob("checkpoint_*")
+    index = int(named.name.removeprefix("checkpoint_"))
+    named.rename(named.with_name(f"checkpoint_{index + 1:06d}"))
 
     assert main(["search", "--resume", str(experiment)]) == 0
 
