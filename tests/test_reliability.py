@@ -94,7 +94,8 @@ def test_transfer_killed_then_resumed_matches(tmp_path: Path, data_dir: Path) ->
 
 @pytest.mark.slow
 def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) -> None:
-    steps = "16"
+    # Enough steps after the first image (step 4) that Ctrl-C comes before the run ends.
+    steps = "40"
     reference = tmp_path / "uninterrupted"
     assert main([*TRANSFER, "--steps", steps, "--output", str(reference), "--data-dir", str(data_dir)]) == 0
 
