@@ -48,7 +48,8 @@ class TrialRow:
         return path if path.is_file() else None
 
 
-def _read_results(folder: Path) -> list[dict[str, Any]]:
+def read_results(folder: Path) -> list[dict[str, Any]]:
+    """Return the rows of a trial's result.json, without those of a run it left behind."""
     path = folder / "result.json"
     if not path.is_file():
         return []
@@ -164,7 +165,7 @@ def collect_trials(experiment: Path) -> list[TrialRow]:
             from stylemodule.config import load_yaml
 
             config = load_yaml(folder / "config.yaml")
-        results = _read_results(folder)
+        results = read_results(folder)
         maes = [r[keys.TUNE_MAE] for r in results if isinstance(r.get(keys.TUNE_MAE), (int, float))]
         finite = [m for m in maes if math.isfinite(m)]
         steps = max((r.get(keys.TUNE_STEP, 0) for r in results), default=0)

@@ -396,8 +396,6 @@ def concurrency_limit(config: StyleConfig, requested: int | None, cpus: float, c
     by_cpus = max(1, int(cpus // cpus_per_trial))
     if requested is None:
         return min(by_memory, by_cpus)
-    if requested < 1:
-        raise InputError(f"invalid --max-concurrent {requested}; it must be 1 or more")
     if requested > by_memory:
         gigabytes = trial_memory_estimate(config) / 1e9
         raise InputError(
@@ -770,11 +768,12 @@ def cover_deleted_checkpoints(folder: Path) -> None:
     deleted checkpoint, and Tune then cannot restore that trial (checked with Ray 2.60).
     The copy replaces it, so the trial continues from its newest checkpoint.
     """
+    from stylemodule.report import read_results
+
     for trial in folder.glob("trial_*"):
         checkpoints = sorted(trial.glob("checkpoint_[0-9]*"))
-        results = trial / "result.json"
-        lines = [line for line in results.read_text(encoding="utf-8").splitlines() if line.strip()] if results.is_file() else []
-        if not checkpoints or (lines and '"stop_reason"' in lines[-1]):
+        results = read_results(trial)
+        if not checkpoints or (results and "stop_reason" in results[-1]):
             continue  # nothing to restore from, or the trial has finished
         newest = checkpoints[-1]
         index = int(newest.name.removeprefix("checkpoint_"))
