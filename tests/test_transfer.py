@@ -24,6 +24,14 @@ from conftest import next_event_file_second
 STEPS = 4
 
 
+def resume_args(run_dir: Path, output: Path, data_dir: Path, *extra: str) -> list[str]:
+    """Return the command that resumes `run_dir`'s last checkpoint into `output`."""
+    return [
+        "transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), *extra,
+        "--output", str(output), "--no-progress", "--data-dir", str(data_dir),
+    ]  # fmt: skip
+
+
 def transfer_args(output: Path, data_dir: Path, *extra: str) -> list[str]:
     """Return the gatys2016 transfer command at 32 pixels for STEPS steps, without a progress bar."""
     return [
@@ -269,10 +277,7 @@ def test_resume_other_size_rejected(
 ) -> None:
     output = tmp_path / "bigger"
 
-    exit_code = main(
-        ["transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), "--size", "48", *steps,
-         "--output", str(output), "--no-progress", "--data-dir", str(data_dir)]
-    )  # fmt: skip
+    exit_code = main(resume_args(run_dir, output, data_dir, "--size", "48", *steps))
 
     # The size mismatch is named first: asking for more steps would not fix it.
     assert exit_code == EXIT_BAD_INPUT
@@ -299,10 +304,7 @@ def test_resume_fixed_setting_rejected(
 ) -> None:
     # These settings would be ignored: the optimiser state and the image come from the checkpoint.
     output = tmp_path / "resumed"
-    exit_code = main(
-        ["transfer", "--resume", str(run_dir / "checkpoints" / "last.ckpt"), "--steps", "8", *options,
-         "--output", str(output), "--no-progress", "--data-dir", str(data_dir)]
-    )  # fmt: skip
+    exit_code = main(resume_args(run_dir, output, data_dir, "--steps", "8", *options))
 
     assert exit_code == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
