@@ -205,7 +205,7 @@ def test_space_file_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"cannot read search space file {folder}" in error
 
 
-def test_overwrite_keeps_experiment_on_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_overwrite_keeps_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "experiment"
     folder.mkdir()
     (folder / "search.yaml").write_text("settings: {}\n")
@@ -246,7 +246,7 @@ def test_config_help_omits_none_defaults(command: str, capsys: pytest.CaptureFix
     assert "(default: 0.0008)" in text  # content_weight of the gatys2016 preset
 
 
-def test_long_style_image_too_small_at_content_area(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_long_style_image_too_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
     painting = tmp_path / "long.png"

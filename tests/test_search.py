@@ -177,7 +177,7 @@ def test_trial_rewound_to_older_checkpoint(tmp_path: Path) -> None:
     assert row.final_mae == 0.25
 
 
-def test_retried_trial_that_ran_on_is_not_an_error(tmp_path: Path) -> None:
+def test_stop_reason_after_retry(tmp_path: Path) -> None:
     trial = tmp_path / "trial_00001"
     trial.mkdir()
     (trial / "params.json").write_text("{}")
@@ -341,7 +341,7 @@ def test_relative_paths_work_from_any_folder(tmp_path: Path, data_dir: Path, mon
     inputs.mkdir()
     (inputs / "photo.jpg").write_bytes((data_dir / "Tuebingen_Neckarfront_gatys_paper_002.jpg").read_bytes())
     monkeypatch.chdir(tmp_path)
-    # A storage folder holds the whole experiment, named after --output.
+    # A storage folder contains the whole experiment, named after --output.
     code = main(
         ["search", "--space", "paper", "--samples", "1", "--size", "32", "--steps", "3", "--eval-every", "3",
          "--scheduler", "fifo", "--content", "inputs/photo.jpg", "--output", "relative-experiment",
@@ -404,8 +404,8 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     experiment = tmp_path / "experiment"
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", *TINY_SEARCH,
                "--scheduler", "fifo", "--steps", "30", "--output", str(experiment), "--data-dir", str(data_dir)]
-    # A Ray folder of its own marks the processes of this driver's Ray; a short path, because
-    # Ray's Unix socket paths must stay under 108 bytes.
+    # A Ray folder of its own marks the processes of this driver's Ray. Its path is short,
+    # because Ray's Unix socket paths must stay under 108 bytes.
     ray_folder = Path(tempfile.mkdtemp(prefix="ray-test-", dir="/tmp"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_folder)}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -435,9 +435,9 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     write_report(experiment)
     assert "interrupted at step" in (experiment / RESULTS_FILE).read_text()
 
-    # Tune deletes an older checkpoint before it saves the state that stops naming it; a
-    # driver killed in between leaves the state naming a deleted checkpoint. Recreate
-    # that: the checkpoint the state names moves to the next name.
+    # Tune deletes an older checkpoint before it saves the state that stops naming it, so
+    # a driver killed in between leaves a state that names a deleted checkpoint. The test
+    # recreates that by moving the named checkpoint to the next name.
     unfinished = [trial for trial in trial_folders(experiment)
                   if list(trial.glob("checkpoint_*")) and "stop_reason" not in result_rows(trial)[-1]]
     assert unfinished, "no unfinished trial with a checkpoint"
