@@ -390,7 +390,7 @@ PAPER_SEARCH_BEST = GATYS2016.replace(
 
 # The best two trials of `python scripts/search_paper.py --size 256` (16 trials, sampler
 # seed 0) on 2026-12-05: MAE 0.1294, the photo with swirls in the sky, and MAE 0.1341,
-# the houses under The Starry Night's sky with its bright yellow stars.
+# The Starry Night's sky with its bright yellow stars, the houses faint below it.
 PAPER_SEARCH_BEST_256 = PAPER_SEARCH_BEST.replace(
     size=256,
     content_weight=3.192214467169731e-07,
