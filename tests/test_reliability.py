@@ -103,7 +103,12 @@ def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) ->
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "stylemodule.cli", *TRANSFER, "--steps", steps, "--checkpoint-every", "100",
                "--output", str(interrupted), "--data-dir", str(data_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that, so
+    # the run gets the default disposition back, under which Python raises KeyboardInterrupt.
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         wait_for(lambda: (interrupted / "image.png").exists(), 120, "the run wrote no image within 120 s")
         process.send_signal(signal.SIGINT)
