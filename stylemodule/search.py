@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -761,26 +762,33 @@ def run_search(
 
 
 def cover_deleted_checkpoints(folder: Path) -> None:
-    """Copy each unfinished trial's newest checkpoint to the name of the one before it.
+    """Put each unfinished trial's newest checkpoint where Tune's saved state expects it.
 
-    Tune deletes a trial's older checkpoint (num_to_keep) before it saves the experiment
-    state that stops naming it. A driver killed in between leaves a state that names the
-    deleted checkpoint, and Tune then cannot restore that trial (checked with Ray 2.60).
-    The copy replaces it, so the trial continues from its newest checkpoint.
+    Tune keeps one checkpoint per trial (num_to_keep) and deletes the older one as soon
+    as a new one is saved, but it saves the experiment state only at intervals. A driver
+    killed in between leaves a state that names a deleted checkpoint, and Tune then
+    cannot restore that trial (checked with Ray 2.60). A copy of the trial's newest
+    checkpoint under the named path lets the trial continue from there.
+
+    NOTE: this reads the state with Tune's own private helpers, as pinned Ray writes it.
     """
-    from stylemodule.report import read_results
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.experiment.trial import Trial
 
-    for trial in folder.glob("trial_*"):
-        checkpoints = sorted(trial.glob("checkpoint_[0-9]*"))
-        results = read_results(trial)
-        if not checkpoints or (results and "stop_reason" in results[-1]):
-            continue  # nothing to restore from, or the trial has finished
-        newest = checkpoints[-1]
-        index = int(newest.name.removeprefix("checkpoint_"))
-        previous = trial / f"checkpoint_{index - 1:06d}"
-        if index > 0 and not previous.exists():
-            log.info("copying %s to %s, which Tune's saved state may name", newest, previous.name)
-            shutil.copytree(newest, previous)
+    state_file = _find_newest_experiment_checkpoint(str(folder.resolve()))
+    if state_file is None:
+        return
+    state = json.loads(Path(state_file).read_text(encoding="utf-8"))
+    for trial_state, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_state, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        if trial.status == Trial.TERMINATED or trial.checkpoint is None:
+            continue
+        named = folder / trial.storage.trial_dir_name / Path(trial.checkpoint.path).name
+        newest = max(named.parent.glob("checkpoint_[0-9]*"), default=None)
+        if newest is not None and not named.exists():
+            log.info("copying %s to %s, which Tune's saved state names", newest, named.name)
+            shutil.copytree(newest, named)
 
 
 def resume_search(folder: Path) -> SearchOutcome:

@@ -435,15 +435,15 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     write_report(experiment)
     assert "interrupted at step" in (experiment / RESULTS_FILE).read_text()
 
-    # Tune deletes an older checkpoint before it saves the state that stops naming it, so
-    # a driver killed in between leaves a state that names a deleted checkpoint. The test
-    # recreates that by moving the named checkpoint to the next name.
+    # Tune deletes a trial's older checkpoint as soon as it saves a new one, but it saves
+    # the experiment state only at intervals, so a killed driver can leave a state some
+    # checkpoints behind. The test recreates that by moving a checkpoint two names ahead.
     unfinished = [trial for trial in trial_folders(experiment)
                   if list(trial.glob("checkpoint_*")) and "stop_reason" not in result_rows(trial)[-1]]
     assert unfinished, "no unfinished trial with a checkpoint"
     (named,) = unfinished[0].glob("checkpoint_*")
     index = int(named.name.removeprefix("checkpoint_"))
-    named.rename(named.with_name(f"checkpoint_{index + 1:06d}"))
+    named.rename(named.with_name(f"checkpoint_{index + 2:06d}"))
 
     assert main(["search", "--resume", str(experiment)]) == 0
 
