@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -460,7 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # pytorch-lightning 2.6 builds a pytree LeafSpec that torch 2.14 deprecates.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in Python's shutdown
+        return code
+    except BrokenPipeError:
+        # The reader of stdout has gone (`stylemodule report DIR | head`): discard the rest.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except InputError as error:
         print(f"stylemodule {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

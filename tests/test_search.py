@@ -334,6 +334,14 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
     with open(experiment / RESULTS_FILE, newline="") as handle:
         assert list(csv.DictReader(handle)) == table
 
+    # A reader that stops early (`stylemodule report DIR | head`) ends the command quietly.
+    report = subprocess.Popen([sys.executable, "-m", "stylemodule.cli", "report", str(experiment)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report.stdout.close()
+    stderr = report.communicate()[1]
+    assert "Error" not in stderr
+    assert report.returncode == 1
+
 
 @pytest.mark.slow
 def test_relative_paths_work_from_any_folder(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
