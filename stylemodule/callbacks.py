@@ -89,6 +89,30 @@ class ImageLogger(Callback):
             self.png_step = step
 
 
+class RestoredStepLogger(Callback):
+    """Log the image and the metrics of the restored step again when a run resumes.
+
+    A resumed run's TensorBoard writer hides every event that earlier runs logged at the
+    restored step or later (SummaryWriter's `purge_step`), so the curves drop the steps
+    that a run killed after its last checkpoint had logged. The image and the evaluation
+    at the restored step are among the hidden events, and this puts them back.
+
+    NOTE: TensorBoard 2.21 hides them with its default data server, but still shows
+    them with `--load_fast=false` (checked through its HTTP API).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        image = pl_module.generated_rgb()[0].cpu()
+        if image.isfinite().all():
+            writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
+        for key, value in pl_module.evaluate().items():
+            writer.add_scalar(key, value, step)
+
+
 class StallMonitor(Callback):
     """Stop a run whose total loss has not changed for `patience` consecutive steps.
 

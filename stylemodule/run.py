@@ -30,6 +30,7 @@ from stylemodule.callbacks import (
     AtomicCheckpointIO,
     FinalMetrics,
     ImageLogger,
+    RestoredStepLogger,
     RunCheckpoint,
     StallMonitor,
     StepProgressBar,
@@ -130,8 +131,13 @@ def make_trainer(
     progress_bar: bool = True,
     checkpoints: bool = True,
     accelerator: str | None = None,
+    resume_step: int | None = None,
 ) -> pl.Trainer:
-    """Build a Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps."""
+    """Build a Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps.
+
+    `resume_step` is the step of the checkpoint that the run resumes from. TensorBoard
+    then hides what earlier runs logged from that step on.
+    """
     output_dir = Path(output_dir)
     all_callbacks: list[Callback] = [
         ImageLogger(config.image_every, output_dir / IMAGE_FILE),
@@ -139,6 +145,8 @@ def make_trainer(
         FinalMetrics(),
         *callbacks,
     ]
+    if resume_step is not None:
+        all_callbacks.append(RestoredStepLogger())
     if checkpoints:
         all_callbacks.append(
             RunCheckpoint(
@@ -170,7 +178,9 @@ def make_trainer(
         accelerator=accelerator or config.accelerator,
         devices=1,
         precision=config.precision,
-        logger=TensorBoardLogger(output_dir, name="", version=TENSORBOARD_DIR, default_hp_metric=False),
+        logger=TensorBoardLogger(
+            output_dir, name="", version=TENSORBOARD_DIR, default_hp_metric=False, purge_step=resume_step
+        ),
         callbacks=all_callbacks,
         val_check_interval=config.eval_every,
         check_val_every_n_epoch=None,
@@ -279,9 +289,11 @@ def run_transfer(
     """
     output_dir = Path(output_dir)
     module = module or build_module(config)
+    resume_step = None
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         check_resume(checkpoint, config, module.image.shape, resume)
+        resume_step = checkpoint["global_step"]
     output_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, output_dir / CONFIG_FILE)
 
@@ -292,6 +304,7 @@ def run_transfer(
         progress_bar=progress_bar,
         checkpoints=checkpoints,
         accelerator=accelerator,
+        resume_step=resume_step,
     )
     try:
         with warnings.catch_warnings():
