@@ -18,15 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import stylemodule
 from stylemodule import config as config_module
 from stylemodule.config import PRESETS, StyleConfig, field_type, load_yaml, preset
-from stylemodule.errors import InputError, StyleModuleError
+from stylemodule.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, StyleModuleError
 
 log = logging.getLogger("stylemodule")
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 # Files and folders of a run; --overwrite removes exactly these.
 RUN_OUTPUTS = ("image.png", "config.yaml", "metrics.json", "tensorboard", "checkpoints")
 CHECKPOINT_DIR = "checkpoints"
@@ -445,7 +443,7 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stylemodule", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="stylemodule", description=" ".join(stylemodule.__doc__.split()))
     subparsers = parser.add_subparsers(dest="command", required=True)
     transfer_parser(subparsers)
     search_parser(subparsers)

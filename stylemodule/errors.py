@@ -5,6 +5,10 @@ The command line turns an ``InputError`` into a one-line message and exit code 2
 into exit code 1 (a run that started and failed).
 """
 
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
 
 class StyleModuleError(Exception):
     """Base class of every error that stylemodule raises on purpose."""

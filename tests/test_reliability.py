@@ -128,6 +128,28 @@ def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) ->
     assert resumed["metric/mae"] == pytest.approx(uninterrupted["metric/mae"], abs=1e-5)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+def test_interrupt_during_start_up(tmp_path: Path, data_dir: Path) -> None:
+    command = [sys.executable, "-m", "stylemodule", *TRANSFER, "--steps", "40",
+               "--output", str(tmp_path / "run"), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    maps = Path(f"/proc/{process.pid}/maps")
+    try:
+        # `import torch` maps libtorch early and then runs for about two more seconds.
+        wait_for(lambda: "libtorch" in maps.read_text(), 60, "the command did not load torch within 60 s")
+        process.send_signal(signal.SIGINT)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in error
+    assert "interrupted" in error
+
+
 def run_search_killing_trial(experiment: Path, data_dir: Path, max_failures: int) -> int:
     """Run a one-trial search, SIGKILL its worker after the report at step 6, return the exit code."""
     command = [sys.executable, "-m", "stylemodule.cli", "search", "--space", "paper", "--samples", "1",
