@@ -142,6 +142,9 @@ class StyleConfig:
     precision: str = _setting("32-true", "Lightning precision", PRECISIONS)
     channels_last: bool = _setting(False, "run VGG19 in the channels-last memory layout")
     accelerator: str = _setting("auto", "Lightning accelerator", ("auto", "cpu", "gpu"))
+    threads: int = _setting(
+        0, "torch CPU threads (0: torch's default, one per core); CPU results depend on it in the last digits"
+    )
 
     # ------------------------------------------------------------------ construction
 
@@ -210,6 +213,8 @@ class StyleConfig:
             raise ConfigError(
                 f"invalid keep_checkpoints {self.keep_checkpoints}; use a positive count or -1 for all"
             )
+        if self.threads < 0:
+            raise ConfigError(f"invalid threads {self.threads}; use 0 for torch's default or a positive count")
         if self.stall_steps < 0:
             raise ConfigError(f"invalid stall_steps {self.stall_steps}; use 0 to turn it off or a positive count")
         if self.exact_size:

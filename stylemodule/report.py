@@ -295,7 +295,7 @@ def write_report(experiment: str | Path) -> str:
             temporary.write_bytes(best.image.read_bytes())
     if best.config is not None:
         atomic_write_text(experiment / BEST_CONFIG, dump_yaml(best.config))
-        lines.append(f"best config: {experiment / BEST_CONFIG} (re-run: stylemodule transfer --config it)")
+        lines.append(f"best config: {experiment / BEST_CONFIG} (re-run: stylemodule transfer --config {experiment / BEST_CONFIG})")
     lines.append(f"table: {experiment / RESULTS_FILE}; contact sheet: {experiment / CONTACT_SHEET}")
     for rank, row in enumerate(rows[:5], start=1):
         lines.append(f"  #{rank} mae={_mae_cell(row.final_mae):.4f} steps={row.steps} {row.stop_reason} {row.folder.name}")

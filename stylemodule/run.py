@@ -11,12 +11,13 @@ An output folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,18 @@ def describe_saved_state(trainer: pl.Trainer, failed_step: int) -> str:
     return text
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch CPU threads; 0 keeps the current number."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_transfer(
     config: StyleConfig,
     output_dir: str | Path,
@@ -288,43 +301,44 @@ def run_transfer(
     trials that save their own.
     """
     output_dir = Path(output_dir)
-    module = module or build_module(config)
-    resume_step = None
-    if resume is not None:
-        checkpoint = read_checkpoint(resume)
-        check_resume(checkpoint, config, module.image.shape, resume)
-        resume_step = checkpoint["global_step"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, output_dir / CONFIG_FILE)
+    with torch_threads(config.threads):
+        module = module or build_module(config)
+        resume_step = None
+        if resume is not None:
+            checkpoint = read_checkpoint(resume)
+            check_resume(checkpoint, config, module.image.shape, resume)
+            resume_step = checkpoint["global_step"]
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, output_dir / CONFIG_FILE)
 
-    trainer = make_trainer(
-        config,
-        output_dir,
-        callbacks=callbacks,
-        progress_bar=progress_bar,
-        checkpoints=checkpoints,
-        accelerator=accelerator,
-        resume_step=resume_step,
-    )
-    try:
-        with warnings.catch_warnings():
-            if resume is not None:
-                # A resumed run writes into its own checkpoint folder, which is not empty. One
-                # resumed into another --output starts that folder's list of kept checkpoints anew.
-                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-                warnings.filterwarnings("ignore", message="The dirpath has changed from")
-            trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
-    except SystemExit:
-        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-    except NonFiniteLossError as error:
-        saved = describe_saved_state(trainer, error.step)
-        error.args = (f"{error}; {saved}lower the learning rate or the loss weights",)
-        raise
+        trainer = make_trainer(
+            config,
+            output_dir,
+            callbacks=callbacks,
+            progress_bar=progress_bar,
+            checkpoints=checkpoints,
+            accelerator=accelerator,
+            resume_step=resume_step,
+        )
+        try:
+            with warnings.catch_warnings():
+                if resume is not None:
+                    # A resumed run writes into its own checkpoint folder, which is not empty. One
+                    # resumed into another --output starts that folder's list of kept checkpoints anew.
+                    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+                    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+                trainer.fit(module, ckpt_path=str(resume) if resume is not None else None, weights_only=True)
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        except NonFiniteLossError as error:
+            saved = describe_saved_state(trainer, error.step)
+            error.args = (f"{error}; {saved}lower the learning rate or the loss weights",)
+            raise
 
-    return finish_run(trainer, module, output_dir)
+        return finish_run(trainer, module, output_dir)
 
 
 def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Path) -> dict[str, Any]:

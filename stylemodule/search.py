@@ -299,14 +299,14 @@ def trial_accelerator(config: StyleConfig, gpu_ids: list[Any]) -> str:
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], threads: int = 1) -> None:
     """Ray Tune function trainable: one style transfer run in the trial's folder."""
-    import torch
-
     from stylemodule.run import TENSORBOARD_DIR, run_transfer
 
-    torch.set_num_threads(threads)
     # Tune's table is the progress display; Lightning's start-up notes would repeat per trial.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     config = trial_config(params, StyleConfig.from_dict(base))
+    if not config.threads:
+        # CPU results change with the thread count, so the trial's config records it for re-runs.
+        config = config.replace(threads=threads)
     trial_dir = Path(tune.get_context().get_trial_dir())
 
     resume = None

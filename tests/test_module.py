@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pytorch_lightning.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stylemodule import keys
@@ -273,6 +275,19 @@ def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.Mon
     for key in (keys.METRIC_SSIM, keys.METRIC_PSNR):
         assert scalar_steps(events, key) == [4, 8]
     assert image_steps(events, "image/generated") == [0, 4, 8]
+
+
+def test_run_uses_config_threads(data_dir: Path, tmp_path: Path) -> None:
+    class ThreadCounter(Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.count = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    counter = ThreadCounter()
+    run_transfer(small_config(data_dir, steps=1, threads=before + 1), tmp_path, progress_bar=False, callbacks=[counter])
+
+    assert counter.count == before + 1
+    assert torch.get_num_threads() == before
 
 
 # ---------------------------------------------------------------------- MAE

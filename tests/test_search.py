@@ -26,6 +26,7 @@ from stylemodule.config import GATYS2016, load_yaml
 from stylemodule.errors import ConfigError, InputError
 from stylemodule.images import load_image
 from stylemodule.report import RESULTS_FILE, collect_trials, write_report
+from stylemodule.run import run_transfer
 
 from conftest import REFERENCE
 
@@ -325,6 +326,10 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
     best = load_yaml(experiment / "best_config.yaml")
     assert best.size == 32
     assert best.accelerator == "auto"  # trials without a GPU ran on the CPU, but re-runs may use one
+    # The trial's config records its thread count, and a re-run with it reaches the same MAE.
+    assert best.threads == 1
+    rerun = run_transfer(best.replace(steps=int(table[0]["steps"])), tmp_path / "rerun", progress_bar=False)
+    assert rerun[keys.METRIC_MAE] == float(table[0]["final_mae"])
 
     # The report regenerates from the folder alone.
     (experiment / RESULTS_FILE).unlink()
