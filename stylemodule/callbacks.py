@@ -218,6 +218,11 @@ class StepProgressBar(TQDMProgressBar):
         metrics.pop("v_num", None)
         return metrics
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        # Close the bar, which ends its line, so that the command's message starts a new one.
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
+
     # The evaluation every few steps is a single batch: no second bar for it.
     def on_validation_start(self, *args: Any) -> None:
         pass

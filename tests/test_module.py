@@ -496,6 +496,23 @@ def test_resume_rejects_other_input_space(data_dir: Path, tmp_path: Path, full_r
 # ---------------------------------------------------------------------- failures and stalls
 
 
+def test_interrupt_ends_progress_line(
+    tiny_config: StyleConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Interrupter(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(tiny_config.replace(steps=6), tmp_path, callbacks=[Interrupter()])
+
+    # The command's message after Ctrl-C then starts on a line of its own.
+    error = capsys.readouterr().err
+    assert "steps" in error
+    assert error.endswith("\n")
+
+
 @pytest.mark.slow
 def test_nan_loss_keeps_last_good_state(
     tiny_config: StyleConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
