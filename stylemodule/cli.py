@@ -176,8 +176,20 @@ def resolve_resume(path: Path) -> Path:
     return path
 
 
-def run_transfer_command(args: argparse.Namespace) -> int:
+def images_data_dir(option: str | None) -> Path:
+    """Return the data folder that relative image paths resolve in; a given --data-dir must exist."""
     from stylemodule.data import resolve_data_dir
+
+    folder = resolve_data_dir(option)
+    if option and not folder.is_dir():
+        raise InputError(
+            f"data folder {option} not found; give the folder that holds the images, or download "
+            f"them into it with `stylemodule data fetch --data-dir {option}`"
+        )
+    return folder
+
+
+def run_transfer_command(args: argparse.Namespace) -> int:
     from stylemodule.run import build_module, check_resume, load_inputs, read_checkpoint, run_transfer
 
     resume = resolve_resume(args.resume) if args.resume else None
@@ -192,7 +204,7 @@ def run_transfer_command(args: argparse.Namespace) -> int:
         base = StyleConfig.from_dict(checkpoint["hyper_parameters"])
     else:
         base = base_config(args)
-    config = config_from_args(args, base).with_absolute_paths(resolve_data_dir(args.data_dir))
+    config = config_from_args(args, base).with_absolute_paths(images_data_dir(args.data_dir))
 
     if args.output is not None:
         output = args.output
@@ -339,7 +351,6 @@ def check_resume_alone(args: argparse.Namespace) -> None:
 
 def run_search_command(args: argparse.Namespace) -> int:
     from stylemodule import search
-    from stylemodule.data import resolve_data_dir
 
     if args.resume is not None:
         check_resume_alone(args)
@@ -348,7 +359,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     else:
         space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
         args.preset = args.preset or space_preset
-        config = config_from_args(args, base_config(args)).with_absolute_paths(resolve_data_dir(args.data_dir))
+        config = config_from_args(args, base_config(args)).with_absolute_paths(images_data_dir(args.data_dir))
         folder = args.output or Path("outputs") / f"search-{Path(args.space).stem}"
         storage = args.storage
         if storage and "://" not in storage:

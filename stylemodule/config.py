@@ -161,7 +161,7 @@ class StyleConfig:
         if unknown:
             key = unknown[0]
             hint = difflib.get_close_matches(str(key), known, n=1)
-            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(
                 f"unknown config key '{key}'{suggestion}; valid keys: {', '.join(known)}"
             )

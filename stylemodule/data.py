@@ -235,11 +235,11 @@ def check(data_dir: str | os.PathLike[str], entries: Iterable[ManifestEntry]) ->
         entry = status.entry
         if status.state == MISSING:
             action = (
-                f"Run `stylemodule data fetch`, or download {entry.url} by hand "
+                f"Run `stylemodule data fetch --data-dir {data_dir}`, or download {entry.url} by hand "
                 f"and save it as {status.path}."
             )
         else:
-            action = "Delete the file and run `stylemodule data fetch` again."
+            action = f"Delete the file and run `stylemodule data fetch --data-dir {data_dir}` again."
         lines.append(f"  {entry.name}: {status.state} ({status.detail}). {action}")
     raise DataError("\n".join(lines))
 

@@ -445,6 +445,10 @@ def save_search_file(folder: Path, settings: SearchSettings, base: StyleConfig) 
 
 def load_search_file(folder: Path) -> tuple[SearchSettings, StyleConfig]:
     path = folder / SEARCH_FILE
+    if not folder.is_dir():
+        raise InputError(
+            f"experiment folder {folder} not found; give the --output folder of an earlier `stylemodule search`"
+        )
     if not path.is_file():
         raise InputError(
             f"{folder} is not a stylemodule experiment: {SEARCH_FILE} is missing; "

@@ -274,3 +274,18 @@ def test_report_on_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     blocker.write_text("")
     error = run_error(["report", str(blocker)], capsys)
     assert f"{blocker} is a file, not an experiment folder" in error
+
+
+@pytest.mark.parametrize("command", ["transfer", "search"])
+def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    absent = tmp_path / "no-data"
+    error = run_error([command, "--data-dir", str(absent), "--output", str(tmp_path / "x")], capsys)
+    assert f"data folder {absent} not found" in error
+    assert f"stylemodule data fetch --data-dir {absent}" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_missing_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    absent = tmp_path / "no-experiment"
+    error = run_error(["search", "--resume", str(absent)], capsys)
+    assert f"experiment folder {absent} not found" in error

@@ -256,11 +256,11 @@ def test_check_lists_each_bad_file(tmp_path):
 
     lines = str(raised.value).splitlines()
     assert lines[0] == f"2 of 3 reference files in {tmp_path} are not usable:"
-    assert lines[1].startswith("  missing.jpg: missing (file not found). Run `stylemodule data fetch`,")
+    assert lines[1].startswith(f"  missing.jpg: missing (file not found). Run `stylemodule data fetch --data-dir {tmp_path}`,")
     assert "https://127.0.0.1/missing.jpg" in lines[1]
     assert str(tmp_path / "missing.jpg") in lines[1]
     assert lines[2].startswith("  changed.jpg: sha256 mismatch (expected SHA-256")
-    assert lines[2].endswith("Delete the file and run `stylemodule data fetch` again.")
+    assert lines[2].endswith(f"Delete the file and run `stylemodule data fetch --data-dir {tmp_path}` again.")
     assert len(lines) == 3
 
 
