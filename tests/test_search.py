@@ -454,9 +454,12 @@ def test_resume_after_driver_kill(tmp_path: Path, data_dir: Path) -> None:
     unfinished = [trial for trial in trial_folders(experiment)
                   if list(trial.glob("checkpoint_*")) and "stop_reason" not in result_rows(trial)[-1]]
     assert unfinished, "no unfinished trial with a checkpoint"
-    (named,) = unfinished[0].glob("checkpoint_*")
-    index = int(named.name.removeprefix("checkpoint_"))
-    named.rename(named.with_name(f"checkpoint_{index + 2:06d}"))
+    # A driver killed while Tune saved a checkpoint can leave the older one beside it.
+    *older, newest = sorted(unfinished[0].glob("checkpoint_*"))
+    for checkpoint in older:
+        shutil.rmtree(checkpoint)
+    index = int(newest.name.removeprefix("checkpoint_"))
+    newest.rename(newest.with_name(f"checkpoint_{index + 2:06d}"))
 
     assert main(["search", "--resume", str(experiment)]) == 0
 
