@@ -326,20 +326,17 @@ def search_parser(subparsers: Any) -> None:
     )
     add_data_dir_option(parser)
     add_config_options(parser)
-    parser.set_defaults(handler=run_search_command, defaults_of=parser.get_default)
+    parser.set_defaults(handler=run_search_command)
 
 
 def check_resume_alone(args: argparse.Namespace) -> None:
-    """Reject options set to non-default values with `search --resume`.
+    """Reject every option but --resume in `search --resume`, even one at its default value.
 
     A restored experiment runs with the settings saved in its folder, so other options
     would be ignored without a word.
     """
-    other_options = [
-        "--" + name.replace("_", "-")
-        for name, value in vars(args).items()
-        if name not in ("command", "handler", "defaults_of", "resume") and value != args.defaults_of(name)
-    ]
+    given = {token.split("=", 1)[0] for token in args.argv if token.startswith("--") and token != "--"}
+    other_options = sorted(given - {"--resume"})
     if other_options:
         raise InputError(
             f"search --resume restores {args.resume} with the settings saved in its "
@@ -466,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # pytorch-lightning 2.6 builds a pytree LeafSpec that torch 2.14 deprecates.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -269,6 +269,7 @@ def test_resume_rejects_folder_without_search(tmp_path: Path, capsys: pytest.Cap
         (["--samples", "3"], "--samples was given; drop it,"),
         (["--size", "32", "--scheduler", "fifo"], "--scheduler, --size were given; drop them,"),
         (["--data-dir", "elsewhere"], "--data-dir was given"),
+        (["--samples=8"], "--samples was given"),  # the default value, which would still be ignored
     ],
 )
 def test_resume_rejects_other_options(
