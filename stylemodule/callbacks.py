@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from stylemodule import keys
 from stylemodule.files import atomic_path
 from stylemodule.images import save_png, to_uint8
 
@@ -95,22 +96,36 @@ class RestoredStepLogger(Callback):
     A resumed run's TensorBoard writer hides every event that earlier runs logged at the
     restored step or later (SummaryWriter's `purge_step`), so the curves drop the steps
     that a run killed after its last checkpoint had logged. The image and the evaluation
-    at the restored step are among the hidden events, and this puts them back.
+    that the earlier run logged at the restored step are among the hidden events: on its
+    schedule (`eval_every`, `image_every`) or at its last step (`steps`), this puts back
+    what it logged there.
 
     NOTE: TensorBoard 2.21 hides them with its default data server, but still shows
     them with `--load_fast=false` (checked through its HTTP API).
     """
 
+    def __init__(self, eval_every: int, image_every: int, steps: int) -> None:
+        self.eval_every = eval_every
+        self.image_every = image_every
+        self.steps = steps
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         writer = tensorboard_writer(trainer)
-        if writer is None:
-            return
         step = trainer.global_step
-        image = pl_module.generated_rgb()[0].cpu()
-        if image.isfinite().all():
-            writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
-        for key, value in pl_module.evaluate().items():
-            writer.add_scalar(key, value, step)
+        if writer is None or step == 0:
+            return  # at step 0, ImageLogger logs the inputs and the image anew
+        final = step == self.steps
+        image_step = final or step % self.image_every == 0
+        if image_step:
+            image = pl_module.generated_rgb()[0].cpu()
+            if image.isfinite().all():
+                writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
+        if final or step % self.eval_every == 0:
+            metrics = pl_module.evaluate()
+            # Evaluations between image steps measure the MAE alone.
+            for key, value in metrics.items() if image_step else [(keys.METRIC_MAE, metrics.get(keys.METRIC_MAE))]:
+                if value is not None:
+                    writer.add_scalar(key, value, step)
 
 
 class StallMonitor(Callback):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -181,10 +182,12 @@ def images_data_dir(option: str | None) -> Path:
     from stylemodule.data import resolve_data_dir
 
     folder = resolve_data_dir(option)
+    if option and folder.exists() and not folder.is_dir():
+        raise InputError(f"data folder {option} is a file, not a folder; give the folder that holds the images")
     if option and not folder.is_dir():
         raise InputError(
             f"data folder {option} not found; give the folder that holds the images, or download "
-            f"them into it with `stylemodule data fetch --data-dir {option}`"
+            f"them into it with `stylemodule data fetch --data-dir {shlex.quote(option)}`"
         )
     return folder
 
@@ -335,8 +338,8 @@ def check_resume_alone(args: argparse.Namespace) -> None:
     A restored experiment runs with the settings saved in its folder, so other options
     would be ignored without a word.
     """
-    given = {token.split("=", 1)[0] for token in args.argv if token.startswith("--") and token != "--"}
-    other_options = sorted(given - {"--resume"})
+    typed_options = {token.split("=", 1)[0] for token in args.argv if token.startswith("--") and token != "--"}
+    other_options = sorted(typed_options - {"--resume"})
     if other_options:
         raise InputError(
             f"search --resume restores {args.resume} with the settings saved in its "
@@ -461,8 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("stylemodule: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # pytorch-lightning 2.6 builds a pytree LeafSpec that torch 2.14 deprecates.

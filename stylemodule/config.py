@@ -30,6 +30,7 @@ STYLE_SIZES = ("content", "area")
 INITS = ("noise", "content", "blend")
 OPTIMIZERS = ("lbfgs", "adam")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
+MAX_THREADS = 1024  # a sanity bound; torch.set_num_threads overflows past 2**31 - 1
 
 # Fields that name files; they become absolute before a run or a Tune search starts.
 PATH_FIELDS = ("content", "style", "reference", "calibration_dir")
@@ -213,8 +214,10 @@ class StyleConfig:
             raise ConfigError(
                 f"invalid keep_checkpoints {self.keep_checkpoints}; use a positive count or -1 for all"
             )
-        if self.threads < 0:
-            raise ConfigError(f"invalid threads {self.threads}; use 0 for torch's default or a positive count")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ConfigError(
+                f"invalid threads {self.threads}; use 0 for torch's default or a count up to {MAX_THREADS}"
+            )
         if self.stall_steps < 0:
             raise ConfigError(f"invalid stall_steps {self.stall_steps}; use 0 to turn it off or a positive count")
         if self.exact_size:

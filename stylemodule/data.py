@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import os
 import re
+import shlex
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -235,11 +236,11 @@ def check(data_dir: str | os.PathLike[str], entries: Iterable[ManifestEntry]) ->
         entry = status.entry
         if status.state == MISSING:
             action = (
-                f"Run `stylemodule data fetch --data-dir {data_dir}`, or download {entry.url} by hand "
+                f"Run `stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}`, or download {entry.url} by hand "
                 f"and save it as {status.path}."
             )
         else:
-            action = f"Delete the file and run `stylemodule data fetch --data-dir {data_dir}` again."
+            action = f"Delete the file and run `stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}` again."
         lines.append(f"  {entry.name}: {status.state} ({status.detail}). {action}")
     raise DataError("\n".join(lines))
 

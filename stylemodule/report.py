@@ -83,7 +83,8 @@ def _failures(folder: Path) -> tuple[int, str, float | None]:
     if match:
         # Tune writes the local time, as the results' timestamps count it.
         when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d_%H-%M-%S").timestamp()
-    detail = last[1].strip()[:100] if len(last) > 1 else ""
+    # Ray colours the names in its tracebacks with terminal escape codes.
+    detail = re.sub(r"\x1b\[[0-9;]*m", "", last[1]).strip()[:100] if len(last) > 1 else ""
     return max(1, len(blocks)), detail, when
 
 

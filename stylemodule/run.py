@@ -137,7 +137,7 @@ def make_trainer(
     """Build a Trainer where one step is one loss evaluation and evaluation runs every `eval_every` steps.
 
     `resume_step` is the step of the checkpoint that the run resumes from. TensorBoard
-    then hides what earlier runs logged from that step on.
+    then hides what earlier runs logged from that step on (see RestoredStepLogger).
     """
     output_dir = Path(output_dir)
     all_callbacks: list[Callback] = [
@@ -146,8 +146,6 @@ def make_trainer(
         FinalMetrics(),
         *callbacks,
     ]
-    if resume_step is not None:
-        all_callbacks.append(RestoredStepLogger())
     if checkpoints:
         all_callbacks.append(
             RunCheckpoint(
@@ -308,6 +306,8 @@ def run_transfer(
             checkpoint = read_checkpoint(resume)
             check_resume(checkpoint, config, module.image.shape, resume)
             resume_step = checkpoint["global_step"]
+            earlier = StyleConfig.from_dict(checkpoint["hyper_parameters"])
+            callbacks = [*callbacks, RestoredStepLogger(earlier.eval_every, earlier.image_every, earlier.steps)]
         output_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, output_dir / CONFIG_FILE)
 

@@ -446,8 +446,9 @@ def save_search_file(folder: Path, settings: SearchSettings, base: StyleConfig) 
 def load_search_file(folder: Path) -> tuple[SearchSettings, StyleConfig]:
     path = folder / SEARCH_FILE
     if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "not found"
         raise InputError(
-            f"experiment folder {folder} not found; give the --output folder of an earlier `stylemodule search`"
+            f"experiment folder {folder} {problem}; give the --output folder of an earlier `stylemodule search`"
         )
     if not path.is_file():
         raise InputError(
@@ -782,10 +783,19 @@ def cover_deleted_checkpoints(folder: Path) -> None:
     state_file = _find_newest_experiment_checkpoint(str(folder.resolve()))
     if state_file is None:
         return
-    state = json.loads(Path(state_file).read_text(encoding="utf-8"))
-    for trial_state, run_metadata in state["trial_data"]:
-        trial = Trial.from_json_state(trial_state, stub=True)
-        trial.restore_run_metadata(run_metadata)
+    try:
+        state = json.loads(Path(state_file).read_text(encoding="utf-8"))
+        trials = []
+        for trial_state, run_metadata in state["trial_data"]:
+            trial = Trial.from_json_state(trial_state, stub=True)
+            trial.restore_run_metadata(run_metadata)
+            trials.append(trial)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"cannot restore {folder}: Tune's state file {state_file} is unreadable ({error}); "
+            "start a new search into it with --overwrite"
+        ) from None
+    for trial in trials:
         if trial.status == Trial.TERMINATED or trial.checkpoint is None:
             continue
         named = folder / trial.storage.trial_dir_name / Path(trial.checkpoint.path).name

@@ -289,3 +289,30 @@ def test_resume_missing_experiment(tmp_path: Path, capsys: pytest.CaptureFixture
     absent = tmp_path / "no-experiment"
     error = run_error(["search", "--resume", str(absent)], capsys)
     assert f"experiment folder {absent} not found" in error
+
+
+def test_data_dir_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("")
+    error = run_error(["transfer", "--data-dir", str(blocker), "--output", str(tmp_path / "x")], capsys)
+    assert f"data folder {blocker} is a file, not a folder" in error
+
+
+@pytest.mark.parametrize("threads", ["-1", "1025", "99999999999"])
+def test_threads_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], threads: str) -> None:
+    error = run_error(["transfer", "--threads", threads, "--output", str(tmp_path / "x")], capsys)
+    assert f"invalid threads {threads}" in error
+    assert "up to 1024" in error
+
+
+def test_resume_unreadable_tune_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stylemodule import search
+    from stylemodule.config import GATYS2016
+
+    search.save_search_file(tmp_path, search.SearchSettings(), GATYS2016)
+    (tmp_path / "tuner.pkl").write_bytes(b"")  # the file that Tune's can_restore looks for
+    state = tmp_path / "experiment_state-2026-12-05_00-00-00.json"
+    state.write_text('{"trial_data": [["unterminated')
+    error = run_error(["search", "--resume", str(tmp_path)], capsys)
+    assert f"Tune's state file {state} is unreadable" in error
+    assert "--overwrite" in error

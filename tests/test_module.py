@@ -435,6 +435,21 @@ def test_resume_older_checkpoint_hides_later_steps(
     assert image_steps(events, "image/generated") == [0, RESUME_STEPS, 2 * RESUME_STEPS]
 
 
+@pytest.mark.slow
+def test_resume_off_schedule_logs_no_extra_point(data_dir: Path, tmp_path: Path) -> None:
+    # The checkpoint at step 5 lies between evaluations (every 2) and images (every 4).
+    config = small_config(data_dir, steps=7, eval_every=2, image_every=4, checkpoint_every=5)
+    run_transfer(config, tmp_path, progress_bar=False)
+    next_event_file_second()
+    checkpoint = tmp_path / "checkpoints" / "step=000005.ckpt"
+    run_transfer(config.replace(steps=8), tmp_path, resume=checkpoint, progress_bar=False)
+
+    events = event_accumulator(tmp_path)
+    assert scalar_steps(events, keys.LOSS_TOTAL) == list(range(8))
+    assert scalar_steps(events, keys.METRIC_MAE) == [2, 4, 6, 8]
+    assert image_steps(events, "image/generated") == [0, 4, 8]
+
+
 # ---------------------------------------------------------------------- checkpoint contents
 
 

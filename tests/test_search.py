@@ -186,7 +186,9 @@ def test_stop_reason_after_retry(tmp_path: Path) -> None:
     # Reported again at 12:00:05, after the failure at 12:00:00 (local time, as Tune writes it).
     failed_at = datetime.datetime(2026, 12, 5, 12, 0, 0).timestamp()
     (trial / "result.json").write_text(json.dumps({"step": 6, "mae": 0.2, "timestamp": failed_at + 5}) + "\n")
-    (trial / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05_12-00-00)\nThe actor is unavailable\n")
+    (trial / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-12-05_12-00-00)\n\x1b[36mThe actor\x1b[39m is unavailable\n"
+    )
     state = {"trial_data": [[json.dumps({"trial_id": "00001", "status": "TERMINATED"}), "{}"]]}
     (tmp_path / "experiment_state-2026-12-05.json").write_text(json.dumps(state))
 
