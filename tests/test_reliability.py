@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,26 @@ def wait_for(condition, timeout: float, message: str) -> None:
             return
         time.sleep(0.2)
     pytest.fail(message)
+
+
+def interrupt_when(
+    command: list[str], ready: Callable[[subprocess.Popen], bool], timeout: float, message: str
+) -> tuple[int, str]:
+    """Start `command`, send it SIGINT once `ready(process)` is true, and return its exit code and stderr."""
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that, so
+    # the command gets the default disposition back, under which Python raises KeyboardInterrupt.
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: ready(process), timeout, message)
+        process.send_signal(signal.SIGINT)
+        _, error = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, error
 
 
 def test_atomic_write_keeps_old_file_on_crash(tmp_path: Path) -> None:
@@ -103,20 +124,10 @@ def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) ->
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "stylemodule.cli", *TRANSFER, "--steps", steps, "--checkpoint-every", "100",
                "--output", str(interrupted), "--data-dir", str(data_dir)]
-    # A shell starts background jobs with SIGINT ignored, and a child inherits that, so
-    # the run gets the default disposition back, under which Python raises KeyboardInterrupt.
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    try:
-        wait_for(lambda: (interrupted / "image.png").exists(), 120, "the run wrote no image within 120 s")
-        process.send_signal(signal.SIGINT)
-        _, error = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130
+    returncode, error = interrupt_when(
+        command, lambda process: (interrupted / "image.png").exists(), 120, "the run wrote no image within 120 s"
+    )
+    assert returncode == 130
     assert f"stylemodule transfer --resume {interrupted}" in error
     assert not (interrupted / "metrics.json").exists(), "the run finished before it was interrupted"
     assert (interrupted / "checkpoints" / "last.ckpt").is_file()
@@ -132,20 +143,14 @@ def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) ->
 def test_interrupt_during_start_up(tmp_path: Path, data_dir: Path) -> None:
     command = [sys.executable, "-m", "stylemodule", *TRANSFER, "--steps", "40",
                "--output", str(tmp_path / "run"), "--data-dir", str(data_dir)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    maps = Path(f"/proc/{process.pid}/maps")
-    try:
-        # `import torch` maps libtorch early and then runs for about two more seconds.
-        wait_for(lambda: "libtorch" in maps.read_text(), 60, "the command did not load torch within 60 s")
-        process.send_signal(signal.SIGINT)
-        _, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130
+    # `import torch` maps libtorch early and then runs for about two more seconds.
+    returncode, error = interrupt_when(
+        command,
+        lambda process: "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(),
+        60,
+        "the command did not load torch within 60 s",
+    )
+    assert returncode == 130
     assert "Traceback" not in error
     assert "interrupted" in error
 
