@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
@@ -27,6 +28,12 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
+
+
+def finite_generated_image(pl_module: Any) -> torch.Tensor | None:
+    """Return the generated image, (3, H, W) on the CPU, or None when a pixel is not finite."""
+    image = pl_module.generated_rgb()[0].cpu()
+    return image if image.isfinite().all() else None
 
 
 class ImageLogger(Callback):
@@ -65,8 +72,8 @@ class ImageLogger(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if self.png_path is None or trainer.global_step == self.png_step:
             return
-        image = pl_module.generated_rgb()[0].cpu()
-        if image.isfinite().all():
+        image = finite_generated_image(pl_module)
+        if image is not None:
             save_png(image, self.png_path)
             self.png_step = trainer.global_step
 
@@ -77,8 +84,8 @@ class ImageLogger(Callback):
         step = trainer.global_step
         if step == self.last_logged_step:
             return
-        image = pl_module.generated_rgb()[0].cpu()
-        if not image.isfinite().all():
+        image = finite_generated_image(pl_module)
+        if image is None:
             log.warning("generated image at step %d is not finite; not logged", step)
             return
         self.last_logged_step = step
@@ -116,16 +123,16 @@ class RestoredStepLogger(Callback):
             return  # at step 0, ImageLogger logs the inputs and the image anew
         final = step == self.steps
         image_step = final or step % self.image_every == 0
-        if image_step:
-            image = pl_module.generated_rgb()[0].cpu()
-            if image.isfinite().all():
-                writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
+        image = finite_generated_image(pl_module) if image_step else None
+        if image is not None:
+            writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
         if final or step % self.eval_every == 0:
             metrics = pl_module.evaluate()
-            # Evaluations between image steps measure the MAE alone.
-            for key, value in metrics.items() if image_step else [(keys.METRIC_MAE, metrics.get(keys.METRIC_MAE))]:
-                if value is not None:
-                    writer.add_scalar(key, value, step)
+            if not image_step:
+                # Evaluations between image steps measure the MAE alone.
+                metrics = {key: value for key, value in metrics.items() if key == keys.METRIC_MAE}
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
 
 
 class StallMonitor(Callback):
