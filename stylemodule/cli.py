@@ -182,11 +182,11 @@ def images_data_dir(option: str | None) -> Path:
     from stylemodule.data import resolve_data_dir
 
     folder = resolve_data_dir(option)
-    if option and folder.exists() and not folder.is_dir():
-        raise InputError(f"data folder {option} is a file, not a folder; give the folder that holds the images")
     if option and not folder.is_dir():
+        if folder.exists():
+            raise InputError(f"data folder {option} is a file, not a folder; give the folder that contains the images")
         raise InputError(
-            f"data folder {option} not found; give the folder that holds the images, or download "
+            f"data folder {option} not found; give the folder that contains the images, or download "
             f"them into it with `stylemodule data fetch --data-dir {shlex.quote(option)}`"
         )
     return folder
@@ -479,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe fails here, not in Python's shutdown
         return code
     except BrokenPipeError:
-        # The reader of stdout has gone (`stylemodule report DIR | head`): discard the rest.
+        # The process reading stdout has exited (`stylemodule report DIR | head`): discard the rest.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except InputError as error:

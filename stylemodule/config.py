@@ -30,7 +30,7 @@ STYLE_SIZES = ("content", "area")
 INITS = ("noise", "content", "blend")
 OPTIMIZERS = ("lbfgs", "adam")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
-MAX_THREADS = 1024  # a sanity bound; torch.set_num_threads overflows past 2**31 - 1
+MAX_THREADS = 1024  # a sanity bound, far below 2**31 - 1, where torch.set_num_threads overflows
 
 # Fields that name files; they become absolute before a run or a Tune search starts.
 PATH_FIELDS = ("content", "style", "reference", "calibration_dir")

@@ -231,16 +231,14 @@ def check(data_dir: str | os.PathLike[str], entries: Iterable[ManifestEntry]) ->
     if not bad:
         return statuses
 
+    fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}"
     lines = [f"{len(bad)} of {len(statuses)} reference files in {data_dir} are not usable:"]
     for status in bad:
         entry = status.entry
         if status.state == MISSING:
-            action = (
-                f"Run `stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}`, or download {entry.url} by hand "
-                f"and save it as {status.path}."
-            )
+            action = f"Run `{fetch}`, or download {entry.url} by hand and save it as {status.path}."
         else:
-            action = f"Delete the file and run `stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}` again."
+            action = f"Delete the file and run `{fetch}` again."
         lines.append(f"  {entry.name}: {status.state} ({status.detail}). {action}")
     raise DataError("\n".join(lines))
 

@@ -295,8 +295,9 @@ def write_report(experiment: str | Path) -> str:
         with atomic_path(experiment / BEST_IMAGE) as temporary:
             temporary.write_bytes(best.image.read_bytes())
     if best.config is not None:
-        atomic_write_text(experiment / BEST_CONFIG, dump_yaml(best.config))
-        lines.append(f"best config: {experiment / BEST_CONFIG} (re-run: stylemodule transfer --config {experiment / BEST_CONFIG})")
+        best_config = experiment / BEST_CONFIG
+        atomic_write_text(best_config, dump_yaml(best.config))
+        lines.append(f"best config: {best_config} (re-run: stylemodule transfer --config {best_config})")
     lines.append(f"table: {experiment / RESULTS_FILE}; contact sheet: {experiment / CONTACT_SHEET}")
     for rank, row in enumerate(rows[:5], start=1):
         lines.append(f"  #{rank} mae={_mae_cell(row.final_mae):.4f} steps={row.steps} {row.stop_reason} {row.folder.name}")

@@ -310,7 +310,7 @@ def test_resume_unreadable_tune_state(tmp_path: Path, capsys: pytest.CaptureFixt
     from stylemodule.config import GATYS2016
 
     search.save_search_file(tmp_path, search.SearchSettings(), GATYS2016)
-    (tmp_path / "tuner.pkl").write_bytes(b"")  # the file that Tune's can_restore looks for
+    (tmp_path / "tuner.pkl").write_bytes(b"")  # the file that Tune's can_restore checks for
     state = tmp_path / "experiment_state-2026-12-05_00-00-00.json"
     state.write_text('{"trial_data": [["unterminated')
     error = run_error(["search", "--resume", str(tmp_path)], capsys)
