@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def load_image(
     noun = "image" if role == "image" else f"{role} image"
     label = f"{noun} {path}"
     if not path.exists():
-        raise ImageError(f"{noun} not found: {path}; check the path or run `stylemodule data fetch`")
+        fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(path.parent))}"
+        raise ImageError(
+            f"{noun} not found: {path}; check the path, or download the bundled images into its folder with `{fetch}`"
+        )
     if path.is_dir():
         raise ImageError(f"{label} is a folder, not a file; give the path of an image file")
 

@@ -256,8 +256,9 @@ def test_load_too_small_after_rotation(tmp_path: Path) -> None:
 
 
 def test_load_missing(tmp_path: Path) -> None:
-    path = tmp_path / "absent.jpg"
-    pattern = message_pattern("content image not found: ", path, "run `stylemodule data fetch`")
+    path = tmp_path / "my data" / "absent.jpg"
+    fetch = f"`stylemodule data fetch --data-dir '{path.parent}'`"
+    pattern = message_pattern("content image not found: ", path, fetch)
     with pytest.raises(ImageError, match=pattern):
         load_image(path, role="content")
 
