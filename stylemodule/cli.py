@@ -359,7 +359,8 @@ def run_search_command(args: argparse.Namespace) -> int:
     else:
         space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
         args.preset = args.preset or space_preset
-        config = config_from_args(args, base_config(args)).with_absolute_paths(images_data_dir(args.data_dir))
+        data_dir = images_data_dir(args.data_dir)
+        config = config_from_args(args, base_config(args)).with_absolute_paths(data_dir)
         folder = args.output or Path("outputs") / f"search-{Path(args.space).stem}"
         storage = args.storage
         if storage and "://" not in storage:
@@ -391,7 +392,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             dashboard=args.dashboard,
         )
         check_accelerator(config.accelerator, cluster=args.address is not None)
-        plan = search.plan_search(settings, config)
+        plan = search.plan_search(settings, config, data_dir)
         if exists:
             # Every check has passed, so the old experiment can go.
             shutil.rmtree(folder)

@@ -34,6 +34,7 @@ MAX_THREADS = 1024  # a sanity bound, far below 2**31 - 1, where torch.set_num_t
 
 # Fields that name files; they become absolute before a run or a Tune search starts.
 PATH_FIELDS = ("content", "style", "reference", "calibration_dir")
+FILE_FIELDS = (*PATH_FIELDS, "weights")
 
 
 def _setting(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -270,14 +271,23 @@ class StyleConfig:
 
     def with_absolute_paths(self, data_dir: Path) -> "StyleConfig":
         """Return a copy whose file fields are absolute paths (Tune changes the working folder)."""
-        changes = {}
-        for name in PATH_FIELDS:
-            value = getattr(self, name)
-            if value:
-                changes[name] = str(resolve_input_path(value, data_dir))
-        if self.weights not in WEIGHT_SOURCES:
-            changes["weights"] = str(Path(self.weights).expanduser().resolve())
+        changes = {name: absolute_file_setting(name, getattr(self, name), data_dir) for name in FILE_FIELDS}
         return dataclasses.replace(self, **changes)
+
+
+def absolute_file_setting(name: str, value: Any, data_dir: Path) -> Any:
+    """Return the value of file field `name` as an absolute path; other values pass unchanged.
+
+    Images resolve through `resolve_input_path`. Weights that name a built-in source, and
+    empty or non-string values, stay as they are.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if name in PATH_FIELDS:
+        return str(resolve_input_path(value, data_dir))
+    if name == "weights" and value not in WEIGHT_SOURCES:
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def resolve_input_path(value: str, data_dir: Path) -> Path:

@@ -215,7 +215,8 @@ def write_results_csv(rows: list[TrialRow], path: Path) -> None:
     param_keys = sorted({key for row in rows for key in _flat_params(row)})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["rank", "trial_id", *param_keys, "final_mae", "best_mae", "steps", "stop_reason", "folder"])
+    # `steps_run`, not `steps`: a space that fixes `steps` makes it a parameter column too.
+    writer.writerow(["rank", "trial_id", *param_keys, "final_mae", "best_mae", "steps_run", "stop_reason", "folder"])
     for rank, row in enumerate(rows, start=1):
         flat = _flat_params(row)
         writer.writerow(

@@ -3,9 +3,9 @@
 A search space is a mapping from config fields to Ray Tune domains; fields it does not
 name keep the base config's value. Two extra forms are understood by the trainable:
 `style_layer_weights_simplex` (one uniform(0, 1) draw per style layer, mapped to a
-uniform point on the simplex) and any parameter whose value is a mapping, which is
-merged into the config (so a `tune.choice` of mappings couples settings such as the
-optimiser and its learning rate).
+uniform point on the simplex) and any parameter whose value is a mapping of config
+fields, which is merged into the config (so a `tune.choice` of mappings couples
+settings such as the optimiser and its learning rate).
 
 Every trial runs `stylemodule.run.run_transfer` in its own trial folder, so
 `tensorboard --logdir EXPERIMENT` compares all trials.
@@ -35,14 +35,16 @@ from ray import tune
 from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
 from stylemodule import keys
-from stylemodule.config import StyleConfig
+from stylemodule.config import PATH_FIELDS, StyleConfig, absolute_file_setting
 from stylemodule.config import _YAMLLoader as YAMLLoader
+from stylemodule.data import resolve_data_dir
 from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.yaml"
 SIMPLEX_KEY = keys.SIMPLEX_KEY
+CONFIG_KEYS = {field.name for field in StyleConfig.fields()}
 WORST_MAE = keys.WORST_MAE
 TRIAL_CHECKPOINT = "checkpoint.ckpt"
 
@@ -125,7 +127,8 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
 
     DOMAIN is one of uniform, quniform, loguniform, qloguniform, randn, randint,
     qrandint, lograndint (with their numeric arguments as a list), choice or grid
-    (with a list of values).
+    (with a list of values). `style_layer_weights_simplex` takes a list of domains, one
+    uniform(0, 1) draw per style layer, as in the `paper` space.
     """
     path = Path(path)
     try:
@@ -143,33 +146,46 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
 
     space: dict[str, Any] = {}
     for key, spec in raw.items():
-        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
-            (name, args), = spec.items()
-            function, count = DOMAINS[name]
-            if count == 1:
-                if not isinstance(args, list) or not args:
-                    raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {args!r}")
-                space[key] = getattr(tune, function)(args)
-                continue
-            if not isinstance(args, list) or len(args) != count or not all(
-                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
-            ):
+        if is_domain_spec(spec):
+            space[key] = parse_domain(path, key, spec)
+        elif key == SIMPLEX_KEY:
+            if not isinstance(spec, list) or not spec or not all(is_domain_spec(item) for item in spec):
                 raise ConfigError(
-                    f"{path}: {key}: {name} needs a list of {count} numbers, got {args!r}"
+                    f"{path}: {key}: give a list of domains, one per style layer, such as "
+                    f"[{{uniform: [0, 1]}}, {{uniform: [0, 1]}}]; got {spec!r}"
                 )
-            try:
-                space[key] = getattr(tune, function)(*args)
-            except (ValueError, TypeError, AssertionError) as error:
-                raise ConfigError(f"{path}: {key}: invalid {name}{args}: {error}") from None
-        elif isinstance(spec, dict) and key != "optimizer_settings":
+            space[key] = [parse_domain(path, key, item) for item in spec]
+        elif isinstance(spec, dict) and not (spec and set(spec) <= CONFIG_KEYS):
             domains = ", ".join(DOMAINS)
             raise ConfigError(
-                f"{path}: {key}: unknown domain {spec!r}; write a fixed value or one of "
-                f"{{DOMAIN: arguments}} with DOMAIN in: {domains}"
+                f"{path}: {key}: unknown domain {spec!r}; write a fixed value, a mapping of config "
+                f"fields to set together, or one of {{DOMAIN: arguments}} with DOMAIN in: {domains}"
             )
         else:
             space[key] = spec
     return space
+
+
+def is_domain_spec(spec: Any) -> bool:
+    return isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS
+
+
+def parse_domain(path: Path, key: str, spec: dict[str, Any]) -> Any:
+    """Build the Tune domain of a `{DOMAIN: arguments}` entry of space file `path`."""
+    (name, args), = spec.items()
+    function, count = DOMAINS[name]
+    if count == 1:
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {args!r}")
+        return getattr(tune, function)(args)
+    if not isinstance(args, list) or len(args) != count or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+    ):
+        raise ConfigError(f"{path}: {key}: {name} needs a list of {count} numbers, got {args!r}")
+    try:
+        return getattr(tune, function)(*args)
+    except (ValueError, TypeError, AssertionError) as error:
+        raise ConfigError(f"{path}: {key}: invalid {name}{args}: {error}") from None
 
 
 def resolve_space(name_or_path: str, **options: Any) -> tuple[str, dict[str, Any]]:
@@ -182,6 +198,53 @@ def resolve_space(name_or_path: str, **options: Any) -> tuple[str, dict[str, Any
     raise ConfigError(
         f"unknown search space '{name_or_path}'; choose one of: {', '.join(SPACES)}, or give a YAML file"
     )
+
+
+def is_grid(domain: Any) -> bool:
+    return isinstance(domain, Mapping) and "grid_search" in domain
+
+
+def space_values(domain: Any) -> list[Any]:
+    """Return the values a space entry can take: a choice's categories, a grid's values or
+    a fixed value. A numeric domain or a missing entry gives an empty list."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(domain, Categorical):
+        return list(domain.categories)
+    if is_grid(domain):
+        return list(domain["grid_search"])
+    if domain is None or isinstance(domain, (Domain, Mapping)):
+        return []
+    return [domain]
+
+
+def absolute_space_paths(space: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
+    """Return the space with every image and weights path it fixes or chooses made absolute.
+
+    Each trial runs in its own folder, so relative paths from a space file are resolved
+    here, as the base config's are: in the working folder if they exist there, else in
+    the data folder.
+    """
+    from ray.tune.search.sample import Categorical
+
+    def absolute(key: str, value: Any) -> Any:
+        if isinstance(value, Mapping) and not is_grid(value):
+            # A mapping is merged into the config, so each of its keys is a setting.
+            return {name: absolute_file_setting(name, item, data_dir) for name, item in value.items()}
+        return absolute_file_setting(key, value, data_dir)
+
+    resolved = {}
+    for key, domain in space.items():
+        if isinstance(domain, Categorical):
+            values = [absolute(key, value) for value in domain.categories]
+            if values != list(domain.categories):
+                domain = tune.choice(values)
+        elif is_grid(domain):
+            domain = tune.grid_search([absolute(key, value) for value in domain["grid_search"]])
+        elif key != SIMPLEX_KEY:
+            domain = absolute(key, domain)
+        resolved[key] = domain
+    return resolved
 
 
 # ---------------------------------------------------------------------- trial configs
@@ -218,20 +281,17 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
 
     try:
         for key, domain in space.items():
-            if isinstance(domain, Categorical):
-                values = domain.categories
-            elif isinstance(domain, Mapping) and "grid_search" in domain:
-                values = domain["grid_search"]
-            else:
+            if not isinstance(domain, Categorical) and not is_grid(domain):
                 continue
-            for value in values:
+            for value in space_values(domain):
                 trial_config({key: value}, base)
         rng = random.Random(0)
         variants = generate_variants(dict(space), random_state=rng.randint(0, 2**31))
         for _, variant in itertools.islice(variants, samples):
             trial_config(variant, base)
-    except (ConfigError, ValueError) as error:
-        # Tune's domains raise ValueError for bounds such as loguniform(high, low).
+    except (ConfigError, ValueError, TypeError) as error:
+        # Tune's domains raise ValueError for bounds such as loguniform(high, low), and a
+        # choice of mappings can hold a value of the wrong type.
         raise ConfigError(f"the search space gives an invalid config: {error}") from None
 
 
@@ -580,20 +640,17 @@ def run_config(settings: SearchSettings, folder: Path, space: Mapping[str, Any])
 
 
 def check_inputs(space: Mapping[str, Any], base: StyleConfig) -> None:
-    """Load the base config's images and every weight source the space can choose, so that
-    a missing file or unavailable weights fail here and not in every trial."""
-    from ray.tune.search.sample import Categorical
-
+    """Load the base config's images, every image and every weight source the space can
+    choose, so that a missing file or unavailable weights fail here and not in every trial."""
     from stylemodule.run import load_inputs
     from stylemodule.vgg import WEIGHT_SOURCES, load_state_dict
 
     load_inputs(base)
-    sources = {base.weights}
-    domain = space.get("weights")
-    if isinstance(domain, Categorical):
-        sources.update(domain.categories)
-    elif isinstance(domain, str):
-        sources.add(domain)
+    for key in PATH_FIELDS:
+        for value in space_values(space.get(key)):
+            if value != getattr(base, key):
+                load_inputs(trial_config({key: value}, base))
+    sources = {base.weights, *space_values(space.get("weights"))}
     for source in sorted(sources):
         if source in WEIGHT_SOURCES or Path(source).suffix:
             load_state_dict(source)
@@ -671,8 +728,12 @@ class SearchPlan:
     searcher: Any
 
 
-def plan_search(settings: SearchSettings, base: StyleConfig) -> SearchPlan:
-    """Check a search's settings, space and inputs before anything is written or started."""
+def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | None = None) -> SearchPlan:
+    """Check a search's settings, space and inputs before anything is written or started.
+
+    Relative paths in the space resolve in `data_dir` when they are not in the working
+    folder; None means the default data folder.
+    """
     if settings.scheduler not in SCHEDULERS:
         raise InputError(f"invalid --scheduler '{settings.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
     if settings.searcher not in SEARCHERS:
@@ -697,6 +758,7 @@ def plan_search(settings: SearchSettings, base: StyleConfig) -> SearchPlan:
     if not base.reference:
         raise InputError("a search ranks its trials by MAE against the reference image, but --reference is empty; give one")
     _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
+    space = absolute_space_paths(space, resolve_data_dir(data_dir))
     if "steps" in space and not isinstance(space["steps"], (int, float)):
         raise InputError(
             "the search space samples steps, but ASHA needs one step count for every trial; "

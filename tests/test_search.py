@@ -23,12 +23,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stylemodule import keys, search
 from stylemodule.cli import main
 from stylemodule.config import GATYS2016, load_yaml
-from stylemodule.errors import ConfigError, InputError
+from stylemodule.errors import ConfigError, ImageError, InputError
 from stylemodule.images import load_image
 from stylemodule.report import RESULTS_FILE, collect_trials, write_report
 from stylemodule.run import run_transfer
 
-from conftest import REFERENCE
+from conftest import CONTENT, REFERENCE, STYLE
 
 # 4 trials of 12 steps at 32 pixels, evaluated every 3 steps: ASHA can stop at 3 and 6.
 TINY_SEARCH = [
@@ -116,6 +116,22 @@ def test_space_file_domains(tmp_path: Path) -> None:
     search.check_space(space, GATYS2016)
 
 
+def test_space_file_simplex_and_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "style_layer_weights_simplex: [" + ", ".join(["{uniform: [0, 1]}"] * 5) + "]\n"
+        "optimiser: {optimizer: adam, lr: 0.02}\n"
+    )
+    space = search.load_space_file(path)
+    search.check_space(space, GATYS2016)
+
+    config = search.trial_config({**space, search.SIMPLEX_KEY: [0.5, 0.1, 0.2, 0.3, 0.9]}, GATYS2016)
+    assert math.isclose(sum(config.style_layer_weights), 1.0)
+    assert len(config.style_layer_weights) == 5
+    assert config.optimizer == "adam"
+    assert config.lr == 0.02
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -126,6 +142,10 @@ def test_space_file_domains(tmp_path: Path) -> None:
         ("pooling: {choice: [avg, median]}\n", "invalid pooling 'median'"),
         ("colour_weight: {uniform: [0, 1]}\n", "unknown config key 'colour_weight'"),
         ("- not a mapping\n", "must hold a mapping"),
+        ("style_layer_weights_simplex: [0.5, 0.5]\n", "give a list of domains, one per style layer"),
+        ("style_layer_weights_simplex: [{uniform: [0, 1]}]\n", "style_layer_weights has 1 values but style_layers has 5"),
+        ("optimiser: {optimizer: adam, learning_rate: 0.1}\n", "unknown domain"),
+        ("optimiser: {choice: [{optimizer: adam, lr: [1]}]}\n", "invalid config"),
     ],
 )
 def test_space_file_rejects_bad_domain(tmp_path: Path, text: str, message: str) -> None:
@@ -160,6 +180,25 @@ def test_stop_reason_from_trial_files(tmp_path: Path, files: dict[str, str], rea
     (row,) = collect_trials(tmp_path)
 
     assert row.stop_reason == reason
+
+
+def test_results_columns_unique_with_fixed_steps(tmp_path: Path) -> None:
+    trial = tmp_path / "trial_0"
+    trial.mkdir()
+    (trial / "params.json").write_text('{"steps": 12, "seed": 3}')
+    (trial / "config.yaml").write_text("steps: 12\n")
+    (trial / "result.json").write_text('{"step": 6, "mae": 0.2}\n')
+
+    write_report(tmp_path)
+
+    with open(tmp_path / RESULTS_FILE, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert len(header) == len(set(header))
+    assert header.count("steps") == 1
+    with open(tmp_path / RESULTS_FILE, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["steps"] == "12"
+    assert row["steps_run"] == "6"
 
 
 def test_trial_rewound_to_older_checkpoint(tmp_path: Path) -> None:
@@ -222,6 +261,33 @@ def test_plan_uses_space_fixed_steps(tmp_path: Path, data_dir: Path) -> None:
     plan = search.plan_search(search.SearchSettings(space=str(space)), base)
     assert plan.settings.grace_period == 20  # a sixth of the space's steps, not the preset's 2000
     assert plan.scheduler._max_t == 120
+
+
+def test_plan_resolves_space_paths_in_data_dir(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the images are not in the working folder
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"style: {STYLE}\n"
+        f"content: {{choice: [{CONTENT}, {STYLE}]}}\n"
+        f"reference: {{grid: [{REFERENCE}]}}\n"
+    )
+    base = GATYS2016.replace(size=32).with_absolute_paths(data_dir)
+    plan = search.plan_search(search.SearchSettings(space=str(space)), base, data_dir)
+
+    assert plan.space["style"] == str(data_dir / STYLE)
+    contents = [str(data_dir / name) for name in (CONTENT, STYLE)]
+    assert plan.space["content"].categories == contents
+    assert plan.space["reference"] == {"grid_search": [str(data_dir / REFERENCE)]}
+
+
+def test_plan_loads_each_chosen_image(tmp_path: Path, data_dir: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(f"content: {{choice: [{CONTENT}, absent.jpg]}}\n")
+    base = GATYS2016.replace(size=32).with_absolute_paths(data_dir)
+    with pytest.raises(ImageError, match=f"content image not found: {data_dir / 'absent.jpg'}"):
+        search.plan_search(search.SearchSettings(space=str(space)), base, data_dir)
 
 
 def test_plan_on_cluster_skips_local_memory_check(data_dir: Path) -> None:
@@ -331,7 +397,7 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
     assert best.accelerator == "auto"  # trials without a GPU ran on the CPU, but re-runs may use one
     # The trial's config records its thread count, and a re-run with it reaches the same MAE.
     assert best.threads == 1
-    rerun = run_transfer(best.replace(steps=int(table[0]["steps"])), tmp_path / "rerun", progress_bar=False)
+    rerun = run_transfer(best.replace(steps=int(table[0]["steps_run"])), tmp_path / "rerun", progress_bar=False)
     assert rerun[keys.METRIC_MAE] == pytest.approx(float(table[0]["final_mae"]), abs=1e-6)
 
     # The report regenerates from the folder alone.
