@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from stylemodule import keys
 from stylemodule.files import atomic_path
 from stylemodule.images import save_png, to_uint8
+from stylemodule.module import image_quality_due
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ class RestoredStepLogger(Callback):
             writer.add_image("image/generated", to_uint8(image), step, dataformats="CHW")
         if final or step % self.eval_every == 0:
             metrics = pl_module.evaluate()
-            if not image_step:
-                # Evaluations between image steps measure the MAE alone.
+            if not final and not image_quality_due(step, self.eval_every, self.image_every):
+                # The other evaluations measure the MAE alone.
                 metrics = {key: value for key, value in metrics.items() if key == keys.METRIC_MAE}
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)

@@ -132,7 +132,9 @@ class StyleConfig:
     log_every: int = _setting(10, "write the losses to TensorBoard every N steps")
     eval_every: int = _setting(50, "compute metric/mae every N steps")
     image_every: int = _setting(
-        100, "log the generated image, SSIM and PSNR to TensorBoard every N steps (at evaluations)"
+        100,
+        "log the generated image to TensorBoard every N steps, and SSIM and PSNR at the first evaluation "
+        "from each such step on",
     )
     checkpoint_every: int = _setting(100, "save a checkpoint every N steps")
     keep_checkpoints: int = _setting(

@@ -209,8 +209,8 @@ class StyleTransferModule(pl.LightningModule):
         return values
 
     def image_quality_due(self) -> bool:
-        """Return whether this step's evaluation adds SSIM and PSNR (on image steps)."""
-        return self.global_step % self.config.image_every == 0
+        """Return whether this step's evaluation adds SSIM and PSNR (see `image_quality_due`)."""
+        return image_quality_due(self.global_step, self.config.eval_every, self.config.image_every)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         # At the last step the final metrics (callbacks.FinalMetrics) measure the same image.
@@ -271,6 +271,15 @@ RESUME_FIXED = (
     "content_layers", "style_layers", "weights", "pooling", "normalize", "calibration_dir", "style_size",
     "optimizer", "lr", "history_size", "init", "init_blend", "seed",
 )  # fmt: skip
+
+
+def image_quality_due(step: int, eval_every: int, image_every: int) -> bool:
+    """Return whether the evaluation at `step` adds SSIM and PSNR to the MAE.
+
+    The first evaluation at or after each image step does, so the image metrics come
+    every `image_every` steps also when it is not a multiple of `eval_every`.
+    """
+    return step // image_every > (step - eval_every) // image_every
 
 
 def check_checkpoint_matches(

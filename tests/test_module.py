@@ -21,7 +21,7 @@ from stylemodule import keys
 from stylemodule.config import GATYS2016, StyleConfig
 from stylemodule.errors import CheckpointError, NonFiniteLossError
 from stylemodule.images import to_uint8
-from stylemodule.module import StyleTransferModule
+from stylemodule.module import StyleTransferModule, image_quality_due
 from stylemodule.run import build_module, load_inputs, make_trainer, run_transfer
 
 from conftest import next_event_file_second
@@ -253,7 +253,7 @@ def test_logged_keys(fitted: tuple[Any, StyleTransferModule]) -> None:
 @pytest.mark.slow
 def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Loss terms are logged only where Lightning writes them or an evaluation reports
-    # them; SSIM and PSNR only at evaluations on image steps and at the end.
+    # them; SSIM and PSNR only at the first evaluation from each image step and at the end.
     calls = []
     log_dict = StyleTransferModule.log_dict
     monkeypatch.setattr(
@@ -275,6 +275,16 @@ def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.Mon
     for key in (keys.METRIC_SSIM, keys.METRIC_PSNR):
         assert scalar_steps(events, key) == [4, 8]
     assert image_steps(events, "image/generated") == [0, 4, 8]
+
+
+@pytest.mark.parametrize(
+    ("eval_every", "image_every", "quality_steps"),
+    [(2, 4, [4, 8, 12]), (3, 4, [6, 9, 12]), (5, 5, [5, 10]), (4, 2, [4, 8, 12])],
+)
+def test_image_quality_after_each_image_step(eval_every: int, image_every: int, quality_steps: list[int]) -> None:
+    evaluations = range(eval_every, 13, eval_every)
+    due = [step for step in evaluations if image_quality_due(step, eval_every, image_every)]
+    assert due == quality_steps
 
 
 def test_run_uses_config_threads(data_dir: Path, tmp_path: Path) -> None:

@@ -370,7 +370,7 @@ def test_asha_search_stops_trials_early(tmp_path: Path, data_dir: Path) -> None:
         finite = [row for row in rows if "non-finite" not in row.get("stop_reason", "")]
         assert all(set(keys.TUNE_REPORTED) <= set(row) for row in finite)
         if finite and finite[-1][keys.TUNE_STEP] == 12:
-            # The final report adds SSIM and PSNR, which evaluations compute only on image steps.
+            # The final report adds SSIM and PSNR, which only some evaluations compute.
             assert set(keys.TUNE_FINAL) <= set(finite[-1])
         assert {row["node_ip"] for row in rows} == {"127.0.0.1"}
         assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
