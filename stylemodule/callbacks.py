@@ -195,10 +195,16 @@ class FinalMetrics(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.metrics = pl_module.evaluate()
-        if trainer.logger is not None:
-            # Logged at the final step, because Lightning's default, step 0, would put the
-            # final metrics at the start of their curves.
-            trainer.logger.log_hyperparams(pl_module.hparams, dict(self.metrics), step=trainer.global_step)
+        if trainer.logger is None:
+            return
+        metrics = dict(self.metrics)
+        if not metrics and pl_module.last_loss is not None:
+            # TensorBoardLogger writes the hparams only with metrics, and a run without a
+            # reference has no MAE, so the final loss goes in its place.
+            metrics[keys.LOSS_TOTAL] = pl_module.last_loss
+        # Logged at the final step, because Lightning's default, step 0, would put the
+        # final metrics at the start of their curves.
+        trainer.logger.log_hyperparams(pl_module.hparams, metrics, step=trainer.global_step)
 
 
 class StepProgressBar(TQDMProgressBar):

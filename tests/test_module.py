@@ -277,6 +277,16 @@ def test_logging_cadence(data_dir: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert image_steps(events, "image/generated") == [0, 4, 8]
 
 
+@pytest.mark.slow
+def test_hparams_logged_without_reference(data_dir: Path, tmp_path: Path) -> None:
+    record = run_transfer(small_config(data_dir, steps=2, reference=None), tmp_path, progress_bar=False)
+    events = event_accumulator(tmp_path)
+
+    assert keys.METRIC_MAE not in record
+    assert events.PluginTagToContent("hparams"), "no hparams in the TensorBoard events"
+    assert scalar_steps(events, keys.LOSS_TOTAL)[-1] == 2
+
+
 @pytest.mark.parametrize(
     ("eval_every", "image_every", "quality_steps"),
     [(2, 4, [4, 8, 12]), (3, 4, [6, 9, 12]), (5, 5, [5, 10]), (4, 2, [4, 8, 12])],
