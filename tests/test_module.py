@@ -297,6 +297,7 @@ def test_image_quality_after_each_image_step(eval_every: int, image_every: int, 
     assert due == quality_steps
 
 
+@pytest.mark.slow
 def test_run_uses_config_threads(data_dir: Path, tmp_path: Path) -> None:
     class ThreadCounter(Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -531,6 +532,7 @@ def test_resume_rejects_other_input_space(data_dir: Path, tmp_path: Path, full_r
 # ---------------------------------------------------------------------- failures and stalls
 
 
+@pytest.mark.slow
 def test_interrupt_ends_progress_line(
     tiny_config: StyleConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

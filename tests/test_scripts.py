@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from types import ModuleType
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+README = SCRIPTS.parent / "README.md"
 
 
 def load_script(name: str) -> ModuleType:
@@ -98,3 +100,12 @@ def test_search_paper_modes() -> None:
     assert gpu[gpu.index("--gpus-per-trial") + 1] == "0.25"
     # Arguments after the mode come last, so argparse lets them override the mode's values.
     assert gpu[-2:] == ["--samples", "4"]
+
+
+def test_readme_gpu_example_matches_script() -> None:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(".venv/bin/python scripts/search_paper.py --gpu")
+    command = text[text.index(".venv/bin/stylemodule search", start):text.index("```", start)]
+    options = shlex.split(command.replace("\\\n", " "))[2:]
+
+    assert options == ["--space", "paper", *load_script("search_paper").GPU]
