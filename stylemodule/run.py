@@ -65,8 +65,10 @@ class Inputs:
 
 def load_inputs(config: StyleConfig) -> Inputs:
     """Load, validate and resize the images a config names (paths must be resolved)."""
+    # The side limit applies to the images as resized, not to the files: a small file can
+    # be resized up to `size`.
     min_side = min_input_side(config.loss_layers)
-    load = dict(max_pixels=config.max_pixels, min_side=min_side)
+    load = dict(max_pixels=config.max_pixels)
 
     content = load_image(config.content, role="content", **load)
     if config.exact_shape:
@@ -113,9 +115,16 @@ def load_inputs(config: StyleConfig) -> Inputs:
             raise ImageError(
                 f"calibration folder {folder} contains no images ({', '.join(IMAGE_SUFFIXES)})"
             )
-        calibration = [
-            resize_long_edge(load_image(path, role="calibration", **load), config.size) for path in files
-        ]
+        calibration = []
+        for path in files:
+            image = resize_long_edge(load_image(path, role="calibration", **load), config.size)
+            if min(image.shape[-2:]) < min_side:
+                raise ImageError(
+                    f"calibration image {path} resized to size {config.size} is {image.shape[-1]}x{image.shape[-2]}, "
+                    f"but {deepest_layer(config.loss_layers)} needs at least {min_side} pixels on each side; "
+                    "remove it from the folder or use a larger size"
+                )
+            calibration.append(image)
     return Inputs(content, style, reference, calibration)
 
 

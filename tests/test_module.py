@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stylemodule import keys
 from stylemodule.config import GATYS2016, StyleConfig
-from stylemodule.errors import CheckpointError, NonFiniteLossError
+from stylemodule.errors import CheckpointError, ImageError, NonFiniteLossError
 from stylemodule.images import to_uint8
 from stylemodule.module import StyleTransferModule, image_quality_due
 from stylemodule.run import build_module, load_inputs, make_trainer, run_transfer
@@ -179,6 +179,29 @@ def test_blend_init_between_noise_and_content(data_dir: Path) -> None:
     torch.testing.assert_close(blend, 0.25 * inputs.content + 0.75 * noise, atol=1e-4, rtol=0)
     assert (blend - inputs.content).abs().max() > 0.05
     assert (blend - noise).abs().max() > 0.05
+
+
+def test_small_files_resized_up_accepted(data_dir: Path, tmp_path: Path) -> None:
+    # 12 pixels is below relu5_1's 16, but the images reach the network at 32x24 and 32x32.
+    for name in ("content.png", "style.png"):
+        Image.new("RGB", (12, 12), (200, 40, 40)).save(tmp_path / name)
+    config = small_config(data_dir, content=str(tmp_path / "content.png"), style=str(tmp_path / "style.png"))
+
+    inputs = load_inputs(config)
+
+    assert inputs.content.shape == (3, 32, 32)
+    assert inputs.style.shape == (3, 32, 32)
+
+
+def test_calibration_image_too_thin_rejected(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    Image.new("RGB", (40, 40)).save(folder / "square.png")
+    Image.new("RGB", (200, 20), (0, 90, 0)).save(folder / "strip.png")  # 32x3 at size 32
+    config = small_config(data_dir, normalize=True, calibration_dir=str(folder))
+
+    with pytest.raises(ImageError, match=f"calibration image {folder / 'strip.png'} resized to size 32 is 32x3"):
+        load_inputs(config)
 
 
 # ---------------------------------------------------------------------- one step, one loss evaluation
