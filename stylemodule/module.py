@@ -68,6 +68,7 @@ class StyleTransferModule(pl.LightningModule):
             prefix="metric/",
         )
         self.last_loss: float | None = None
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -166,6 +167,8 @@ class StyleTransferModule(pl.LightningModule):
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self.global_step, loss_value)
         self.last_loss = loss_value
+        # Kept on the device, so no sync: the run's record reads the last step's terms.
+        self.last_terms = {key: losses[key].detach() for key in (keys.LOSS_CONTENT, keys.LOSS_STYLE)}
         self.log(keys.LOSS_TOTAL, total, prog_bar=True, batch_size=1)
         if self._terms_used():
             self.log_dict({key: value for key, value in losses.items() if key != keys.LOSS_TOTAL}, batch_size=1)

@@ -351,16 +351,15 @@ def run_transfer(
 
 
 def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Path) -> dict[str, Any]:
-    """Write the final image, metrics.json and TensorBoard hparams with the final metrics."""
+    """Write the final image and metrics.json with the final metrics (FinalMetrics has
+    logged them to TensorBoard)."""
     save_png(module.generated_rgb()[0].cpu(), output_dir / IMAGE_FILE)
     metrics = final_metrics(trainer)
     stalled = stall_step(trainer)
-    # The last step's loss terms: training_step logs them at the last step.
-    losses = {
-        key: float(trainer.callback_metrics[key])
-        for key in (keys.LOSS_TOTAL, keys.LOSS_CONTENT, keys.LOSS_STYLE)
-        if key in trainer.callback_metrics
-    }
+    # The loss terms of the last step this run took; a stall can stop it between logged steps.
+    losses = {key: float(value) for key, value in module.last_terms.items()}
+    if module.last_loss is not None:
+        losses[keys.LOSS_TOTAL] = module.last_loss
     record = {
         "steps": trainer.global_step,
         "stop_reason": f"stalled at step {stalled}" if stalled is not None else "max steps",

@@ -633,7 +633,8 @@ def constant_losses(self: StyleTransferModule, image: torch.Tensor) -> dict[str,
 def test_stall_stops_run(tiny_config: StyleConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StyleTransferModule, "compute_losses", constant_losses)
     # With a checkpoint every 2 steps, only the end of training writes last.ckpt at the stall step 3.
-    config = tiny_config.replace(steps=20, stall_steps=2, checkpoint_every=2)
+    # Steps 1 to 3 are neither log nor evaluation steps, so no loss term is logged before the stall.
+    config = tiny_config.replace(steps=20, stall_steps=2, checkpoint_every=2, log_every=10, eval_every=10)
 
     record = run_transfer(config, tmp_path, progress_bar=False)
 
@@ -642,6 +643,8 @@ def test_stall_stops_run(tiny_config: StyleConfig, tmp_path: Path, monkeypatch: 
     assert record["steps"] == 3
     assert metrics["steps"] == 3
     assert metrics["stop_reason"] == "stalled at step 3"
+    assert metrics[keys.LOSS_CONTENT] == 5.0
+    assert metrics[keys.LOSS_STYLE] == 5.0
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
