@@ -221,6 +221,8 @@ class StyleConfig:
             raise ConfigError(
                 f"invalid threads {self.threads}; use 0 for torch's default or a count up to {MAX_THREADS}"
             )
+        if not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"invalid seed {self.seed}; torch accepts seeds from -2**63 to 2**64 - 1")
         if self.stall_steps < 0:
             raise ConfigError(f"invalid stall_steps {self.stall_steps}; use 0 to turn it off or a positive count")
         if self.exact_size:
@@ -266,7 +268,7 @@ class StyleConfig:
         if self.weights not in WEIGHT_SOURCES and not self.weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
             raise ConfigError(
                 f"invalid weights '{self.weights}'; use {', '.join(WEIGHT_SOURCES)} or the path "
-                "of a .pt/.pth/.bin state dict file"
+                "of a .pt/.pth/.bin state dict file or a .ckpt checkpoint"
             )
 
     # ------------------------------------------------------------------ paths

@@ -237,6 +237,8 @@ INVALID_CHANGES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("infinite tv weight", {"tv_weight": math.inf}, ["tv_weight inf", "finite"]),
     ("infinite layer weight", {"style_layer_weights": [0.2, math.inf, 0.2, 0.2, 0.2]}, ["weight inf", "finite"]),
     ("keep checkpoints zero", {"keep_checkpoints": 0}, ["keep_checkpoints 0", "-1"]),
+    ("seed too large", {"seed": 2**64}, ["seed 18446744073709551616", "2**64 - 1"]),
+    ("seed too negative", {"seed": -(2**63) - 1}, ["seed -9223372036854775809", "-2**63"]),
     ("weights without suffix", {"weights": "vgg"}, ["'vgg'", "caffe", ".pth"]),
 ]
 
