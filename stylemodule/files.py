@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def atomic_copytree(source: str | Path, destination: str | Path) -> None:
+    """Copy folder `source` to `destination`, which must not exist, through a hidden
+    temporary folder beside it and a rename.
+
+    A crash midway leaves no partial folder under `destination`, so a reader that finds
+    it can trust it.
+    """
+    destination = Path(destination)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    try:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)
+        os.rename(temporary, destination)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _current_umask() -> int:

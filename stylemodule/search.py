@@ -39,6 +39,7 @@ from stylemodule.config import PATH_FIELDS, StyleConfig, absolute_file_setting
 from stylemodule.config import _YAMLLoader as YAMLLoader
 from stylemodule.data import resolve_data_dir
 from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
+from stylemodule.files import atomic_copytree
 
 log = logging.getLogger(__name__)
 
@@ -864,7 +865,7 @@ def cover_deleted_checkpoints(folder: Path) -> None:
         newest = max(named.parent.glob("checkpoint_[0-9]*"), default=None)
         if newest is not None and not named.exists():
             log.info("copying %s to %s, which Tune's saved state names", newest, named.name)
-            shutil.copytree(newest, named)
+            atomic_copytree(newest, named)
 
 
 def resume_search(folder: Path) -> SearchOutcome:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,41 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path: Path) -> None:
             raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_copytree_copies_whole_folder(tmp_path: Path) -> None:
+    source = tmp_path / "checkpoint_000003"
+    (source / "nested").mkdir(parents=True)
+    (source / "state.ckpt").write_bytes(b"weights")
+    (source / "nested" / "extra.json").write_text("{}")
+    destination = tmp_path / "checkpoint_000002"
+
+    files.atomic_copytree(source, destination)
+
+    assert (destination / "state.ckpt").read_bytes() == b"weights"
+    assert (destination / "nested" / "extra.json").read_text() == "{}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+
+
+def test_atomic_copytree_leaves_nothing_on_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "checkpoint_000003"
+    source.mkdir()
+    for name in ("a.ckpt", "b.ckpt"):
+        (source / name).write_bytes(b"x")
+    copied = []
+    copyfile = shutil.copyfile
+
+    def copy_then_crash(src: str, dst: str, **kwargs: object) -> None:
+        if copied:
+            raise OSError("disk full")
+        copied.append(copyfile(src, dst, **kwargs))
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_crash)
+    with pytest.raises(shutil.Error, match="disk full"):
+        files.atomic_copytree(source, tmp_path / "checkpoint_000002")
+
+    assert copied, "the copy never started"
+    assert list(tmp_path.iterdir()) == [source]
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
