@@ -3,6 +3,7 @@ work starts (no Ray, no output files)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,20 +85,24 @@ def test_manifest_name_outside_data_folder(tmp_path: Path, capsys: pytest.Captur
 
 
 class Payload:
-    """A pickled object that a weights_only load must refuse to build."""
+    """A pickled object whose unpickling creates folder `marker`; a weights_only load must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
-        return (print, ("unpickled code ran",))
+        return (os.mkdir, (str(self.marker),))
 
 
 def test_checkpoint_with_code_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     checkpoint = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": Payload()}, checkpoint)
+    marker = tmp_path / "unpickled-code-ran"
+    torch.save({"state_dict": {}, "payload": Payload(marker)}, checkpoint)
     error = run_error(["transfer", "--resume", str(checkpoint), "--output", str(tmp_path / "run")], capsys)
     assert f"cannot read checkpoint {checkpoint}" in error
-    assert "unpickled code ran" not in capsys.readouterr().out
+    assert not marker.exists()
 
 
 def test_local_ray_binds_loopback_without_dashboard(monkeypatch: pytest.MonkeyPatch) -> None:
