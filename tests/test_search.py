@@ -320,10 +320,19 @@ def test_concurrency_beyond_memory_rejected() -> None:
         search.concurrency_limit(config, 64, cpus=2, cpus_per_trial=1)
 
 
-def test_concurrency_default_fits_cpus() -> None:
+def test_concurrency_default_fits_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "available_memory_bytes", lambda: 64 * 10**9)
     config = GATYS2016.replace(size=64)
     assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=1) == 2
     assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=2) == 1
+
+
+def test_concurrency_default_fits_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = GATYS2016.replace(size=64)
+    estimate = search.trial_memory_estimate(config)
+    # 80% of 2.6 trial estimates leaves room for 2 trials.
+    monkeypatch.setattr(search, "available_memory_bytes", lambda: int(2.6 * estimate))
+    assert search.concurrency_limit(config, None, cpus=8, cpus_per_trial=1) == 2
 
 
 def test_resume_rejects_folder_without_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
