@@ -151,7 +151,7 @@ def test_transfer_killed_then_resumed_matches(tmp_path: Path, data_dir: Path) ->
 
 @pytest.mark.slow
 def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) -> None:
-    # Enough steps after the first image (step 4) that Ctrl-C comes before the run ends.
+    # Ctrl-C comes after the image of step 4 or 8 and long before step 40.
     steps = "40"
     reference = tmp_path / "uninterrupted"
     assert main([*TRANSFER, "--steps", steps, "--output", str(reference), "--data-dir", str(data_dir)]) == 0
@@ -160,9 +160,18 @@ def test_transfer_interrupted_saves_last_step(tmp_path: Path, data_dir: Path) ->
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "stylemodule.cli", *TRANSFER, "--steps", steps, "--checkpoint-every", "100",
                "--output", str(interrupted), "--data-dir", str(data_dir)]
-    returncode, error = interrupt_when(
-        command, lambda process: (interrupted / "image.png").exists(), 120, "the run wrote no image within 120 s"
-    )
+    image = interrupted / "image.png"
+    first_write: list[int] = []
+
+    def image_rewritten(process: subprocess.Popen) -> bool:
+        """Return whether image.png has changed since first seen: a step of 4 or more has finished."""
+        if not image.exists():
+            return False
+        stamp = image.stat().st_mtime_ns
+        first_write[:] = first_write or [stamp]
+        return stamp != first_write[0]
+
+    returncode, error = interrupt_when(command, image_rewritten, 120, "the run wrote no image after step 0 within 120 s")
     assert returncode == 130
     assert f"stylemodule transfer --resume {interrupted}" in error
     assert not (interrupted / "metrics.json").exists(), "the run finished before it was interrupted"
