@@ -244,7 +244,7 @@ def _caption(row: TrialRow, rank: int) -> list[str]:
 def write_contact_sheet(rows: list[TrialRow], path: Path, thumb: int = 256, columns: int = 4) -> None:
     """Tile every trial's image, best first, with its rank, MAE and key settings below.
 
-    Images are scaled to `thumb` pixels wide (up or down) and the same height for all.
+    Images are scaled up or down, keeping their aspect, to fit a `thumb` x 3/4 `thumb` box.
     """
     font = ImageFont.load_default()
     caption_height = 13 * 7
