@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.yaml"
 SIMPLEX_KEY = keys.SIMPLEX_KEY
 CONFIG_KEYS = {field.name for field in StyleConfig.fields()}
+# The fields that trial_memory_estimate reads.
+MEMORY_FIELDS = frozenset({"size", "exact_size", "optimizer", "history_size"})
 WORST_MAE = keys.WORST_MAE
 TRIAL_CHECKPOINT = "checkpoint.ckpt"
 
@@ -707,16 +709,32 @@ def fixed_values(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
     return trial_config(fixed, base)
 
 
-def largest_size(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
-    """Return `base` at the largest image size the space can sample, for the memory estimate."""
+def largest_trial(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
+    """Return the trial config the space can sample that needs the most memory, for the
+    memory estimate.
+
+    It tries every combination of the chosen values of the fields that the estimate reads,
+    also inside mappings, with each numeric domain of `size` or `history_size` at its upper
+    bound.
+    """
     from ray.tune.search.sample import Categorical, Domain
 
-    domain = space.get("size")
-    if isinstance(domain, Categorical):
-        return StyleConfig.from_dict({"size": max(domain.categories)}, base=base)
-    if isinstance(domain, Domain) and hasattr(domain, "upper"):
-        return StyleConfig.from_dict({"size": int(domain.upper)}, base=base)
-    return base
+    options = []
+    for key, domain in space.items():
+        if key in ("size", "history_size") and isinstance(domain, Domain) and hasattr(domain, "upper"):
+            values = [int(domain.upper)]
+        elif isinstance(domain, Categorical) or is_grid(domain):
+            values = space_values(domain)
+        else:
+            continue  # a fixed value is already in `base`
+        relevant = [
+            value for value in values
+            if key in MEMORY_FIELDS or (isinstance(value, Mapping) and not MEMORY_FIELDS.isdisjoint(value))
+        ]
+        if relevant:
+            options.append([(key, value) for value in relevant])
+    candidates = (trial_config(dict(combination), base) for combination in itertools.product(*options))
+    return max(candidates, key=trial_memory_estimate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -785,7 +803,7 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
     if settings.address:
         limit = settings.max_concurrent  # the cluster's resources decide, not this machine's
     else:
-        limit = concurrency_limit(largest_size(space, fixed), settings.max_concurrent, cpus, settings.cpus_per_trial)
+        limit = concurrency_limit(largest_trial(space, fixed), settings.max_concurrent, cpus, settings.cpus_per_trial)
     if settings.searcher == "optuna":
         space = optuna_space(space)
     searcher = build_searcher(settings, limit)

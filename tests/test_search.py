@@ -327,6 +327,23 @@ def test_concurrency_default_fits_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=2) == 1
 
 
+def test_largest_trial_takes_worst_sampled_settings() -> None:
+    from ray import tune
+
+    base = GATYS2016.replace(optimizer="adam", size=64)
+    space = {
+        "size": tune.choice([96, 256, 128]),
+        "history_size": tune.randint(10, 300),
+        "optimizer_settings": tune.choice([{"optimizer": "adam", "lr": 0.01}, {"optimizer": "lbfgs", "lr": 1.0}]),
+        "content_weight": tune.loguniform(1e-5, 1e-1),
+    }
+
+    largest = search.largest_trial(space, base)
+
+    assert (largest.size, largest.history_size, largest.optimizer) == (256, 300, "lbfgs")
+    assert search.largest_trial({"pooling": tune.choice(["avg", "max"])}, base) == base
+
+
 def test_concurrency_default_fits_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     config = GATYS2016.replace(size=64)
     estimate = search.trial_memory_estimate(config)
