@@ -27,6 +27,18 @@ def next_event_file_second() -> None:
     time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked gpu on a machine without a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The folder of the real reference images (STYLEMODULE_DATA, as .ci/run sets it)."""
