@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from stylemodule.errors import ConfigError
+from stylemodule.errors import ConfigError, short_repr
 from stylemodule.vgg import LAYER_NAMES, POOLING_MODES, PREPROCESSINGS, WEIGHT_SOURCES
 
 CONTENT_LOSSES = ("sum", "mean")
@@ -206,7 +206,7 @@ class StyleConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(
-                    f"invalid {f.name} '{value}'; choose one of: {', '.join(choices)}"
+                    f"invalid {f.name} {short_repr(value)}; choose one of: {', '.join(choices)}"
                 )
             coerce_value(f, value)  # raises on a wrong type
 
@@ -358,7 +358,7 @@ def coerce_value(f: dataclasses.Field, value: Any) -> Any:
     elif base is list:
         expected = "a list of layer names"
     raise ConfigError(
-        f"invalid value {value!r} for {f.name}: expected {expected}"
+        f"invalid value {short_repr(value)} for {f.name}: expected {expected}"
         + (" or null" if optional else "")
     )
 
@@ -484,7 +484,7 @@ def load_yaml(path: str | Path, base: StyleConfig | None = None) -> StyleConfig:
     try:
         values = yaml.load(text, Loader=_YAMLLoader) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML in config file {path}: {error}") from None
+        raise ConfigError(f"invalid YAML in config file {path}: {yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     values = dict(values)
@@ -494,6 +494,18 @@ def load_yaml(path: str | Path, base: StyleConfig | None = None) -> StyleConfig:
         return StyleConfig.from_dict(values, base=base)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """Return a PyYAML error as one line: the problem and where it is in the file."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    if context:
+        problem = f"{context}, {problem}"
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return problem
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def dump_yaml(config: StyleConfig) -> str:

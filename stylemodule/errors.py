@@ -5,6 +5,8 @@ The command line turns an ``InputError`` into a one-line message and exit code 2
 into exit code 1 (a run that started and failed).
 """
 
+import reprlib
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
@@ -48,3 +50,18 @@ class NonFiniteLossError(StyleModuleError, FloatingPointError):
         if hint:
             message = f"{message}; {hint}"
         super().__init__(message)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 6
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def short_repr(value: object) -> str:
+    """Return repr(value) cut short for an error message.
+
+    reprlib stops at a depth and length limit while it walks the value, so a small YAML
+    file whose anchors expand to millions of items still gives a short message.
+    """
+    return _SHORT.repr(value)

@@ -35,10 +35,10 @@ from ray import tune
 from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
 from stylemodule import keys
-from stylemodule.config import PATH_FIELDS, StyleConfig, absolute_file_setting
+from stylemodule.config import PATH_FIELDS, StyleConfig, absolute_file_setting, yaml_problem
 from stylemodule.config import _YAMLLoader as YAMLLoader
 from stylemodule.data import resolve_data_dir
-from stylemodule.errors import ConfigError, InputError, NonFiniteLossError
+from stylemodule.errors import ConfigError, InputError, NonFiniteLossError, short_repr
 from stylemodule.files import atomic_copytree
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
             f"cannot read search space file {path} ({type(error).__name__}); give a YAML text file"
         ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML in search space file {path}: {error}") from None
+        raise ConfigError(f"invalid YAML in search space file {path}: {yaml_problem(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"search space file {path} must hold a mapping of setting: domain")
 
@@ -155,13 +155,13 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
             if not isinstance(spec, list) or not spec or not all(is_domain_spec(item) for item in spec):
                 raise ConfigError(
                     f"{path}: {key}: give a list of domains, one per style layer, such as "
-                    f"[{{uniform: [0, 1]}}, {{uniform: [0, 1]}}]; got {spec!r}"
+                    f"[{{uniform: [0, 1]}}, {{uniform: [0, 1]}}]; got {short_repr(spec)}"
                 )
             space[key] = [parse_domain(path, key, item) for item in spec]
         elif isinstance(spec, dict) and not (spec and set(spec) <= CONFIG_KEYS):
             domains = ", ".join(DOMAINS)
             raise ConfigError(
-                f"{path}: {key}: unknown domain {spec!r}; write a fixed value, a mapping of config "
+                f"{path}: {key}: unknown domain {short_repr(spec)}; write a fixed value, a mapping of config "
                 f"fields to set together, or one of {{DOMAIN: arguments}} with DOMAIN in: {domains}"
             )
         else:
@@ -179,16 +179,16 @@ def parse_domain(path: Path, key: str, spec: dict[str, Any]) -> Any:
     function, count = DOMAINS[name]
     if count == 1:
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {args!r}")
+            raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {short_repr(args)}")
         return getattr(tune, function)(args)
     if not isinstance(args, list) or len(args) != count or not all(
         isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
     ):
-        raise ConfigError(f"{path}: {key}: {name} needs a list of {count} numbers, got {args!r}")
+        raise ConfigError(f"{path}: {key}: {name} needs a list of {count} numbers, got {short_repr(args)}")
     try:
         return getattr(tune, function)(*args)
     except (ValueError, TypeError, AssertionError) as error:
-        raise ConfigError(f"{path}: {key}: invalid {name}{args}: {error}") from None
+        raise ConfigError(f"{path}: {key}: invalid {name}{short_repr(args)}: {error}") from None
 
 
 def resolve_space(name_or_path: str, **options: Any) -> tuple[str, dict[str, Any]]:

@@ -316,6 +316,22 @@ def test_yaml_invalid_syntax(tmp_path: Path) -> None:
 
     assert "invalid YAML" in str(raised.value)
     assert str(path) in str(raised.value)
+    assert "at line 2, column 6" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_yaml_anchor_expansion_message_short(tmp_path: Path) -> None:
+    # Seven levels of ten-fold anchors expand to 10**7 strings in a file of a few hundred bytes.
+    levels = ["&l0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"&l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]" for level in range(1, 7)]
+    path = tmp_path / "config.yaml"
+    path.write_text(f"content_layers: [{', '.join(levels)}]\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as raised:
+        load_yaml(path)
+
+    assert "expected a list of layer names" in str(raised.value)
+    assert len(str(raised.value)) < 1000
 
 
 def test_yaml_list_rejected(tmp_path: Path) -> None:
