@@ -43,6 +43,18 @@ def _none_or(convert: Any) -> Any:
     return parse
 
 
+def non_empty(convert: Any) -> Any:
+    """Wrap an argparse type so that an empty value is an error, not a silent default."""
+
+    def parse(text: str) -> Any:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("must not be empty; leave the option out to use its default")
+        return convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show an option's default in its help, unless it is None or False (nothing to show)."""
 
@@ -145,12 +157,14 @@ def transfer_parser(subparsers: Any) -> None:
         help="run one style transfer",
         description="Generate one stylised image. Settings: preset < --config file < options.",
     )
-    parser.add_argument("--preset", help=f"named settings: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
-    parser.add_argument("--config", help="YAML config file, such as a run's config.yaml")
-    parser.add_argument("--output", type=Path, help="output folder (default: outputs/<preset>)")
+    parser.add_argument(
+        "--preset", type=non_empty(str), help=f"named settings: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})"
+    )
+    parser.add_argument("--config", type=non_empty(str), help="YAML config file, such as a run's config.yaml")
+    parser.add_argument("--output", type=non_empty(Path), help="output folder (default: outputs/<preset>)")
     parser.add_argument(
         "--resume",
-        type=Path,
+        type=non_empty(Path),
         help="checkpoint to continue from (a .ckpt file or a run folder); its config is the base",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
@@ -299,12 +313,18 @@ def search_parser(subparsers: Any) -> None:
             "reference. Config options set fixed values for every trial."
         ),
     )
-    parser.add_argument("--space", default="paper", help="search space: paper, tutorial-grid or a YAML file")
+    parser.add_argument(
+        "--space", type=non_empty(str), default="paper", help="search space: paper, tutorial-grid or a YAML file"
+    )
     parser.add_argument("--samples", type=int, default=8, help="trials to sample (per grid point for grids)")
-    parser.add_argument("--output", type=Path, help="experiment folder (default: outputs/search-<space>)")
-    parser.add_argument("--resume", type=Path, metavar="EXPERIMENT", help="restore an interrupted experiment folder")
-    parser.add_argument("--preset", help="base settings (default: gatys2016, tutorial for tutorial-grid)")
-    parser.add_argument("--config", help="YAML config file with the base settings")
+    parser.add_argument("--output", type=non_empty(Path), help="experiment folder (default: outputs/search-<space>)")
+    parser.add_argument(
+        "--resume", type=non_empty(Path), metavar="EXPERIMENT", help="restore an interrupted experiment folder"
+    )
+    parser.add_argument(
+        "--preset", type=non_empty(str), help="base settings (default: gatys2016, tutorial for tutorial-grid)"
+    )
+    parser.add_argument("--config", type=non_empty(str), help="YAML config file with the base settings")
     parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha", help="trial scheduler")
     parser.add_argument("--searcher", choices=("random", "optuna"), default="random",
                         help="random/grid sampling, or Optuna's TPE (needs the optuna extra)")

@@ -31,6 +31,7 @@ INITS = ("noise", "content", "blend")
 OPTIMIZERS = ("lbfgs", "adam")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 MAX_THREADS = 1024  # a sanity bound, far below 2**31 - 1, where torch.set_num_threads overflows
+MAX_COUNT = 2**31 - 1  # the largest size, step count or history length; torch and deque take C ints
 
 # Fields that name files; they become absolute before a run or a Tune search starts.
 PATH_FIELDS = ("content", "style", "reference", "calibration_dir")
@@ -71,7 +72,7 @@ class StyleConfig:
         STYLE_SIZES,
     )
     max_pixels: int = _setting(
-        4096 * 4096, "largest accepted pixel count of an input image after its EXIF rotation"
+        4096 * 4096, "largest accepted pixel count of an input image, and of the generated image at size x size"
     )
 
     # Network.
@@ -213,6 +214,16 @@ class StyleConfig:
         for name in ("size", "steps", "log_every", "eval_every", "image_every", "checkpoint_every", "history_size", "max_pixels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be a positive integer")
+            if getattr(self, name) > MAX_COUNT:
+                raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be at most {MAX_COUNT}")
+        # The generated image has at most size x size pixels, or exactly exact_size's.
+        pixels = self.exact_shape[0] * self.exact_shape[1] if self.exact_shape else self.size * self.size
+        if pixels > self.max_pixels:
+            setting = f"exact_size {self.exact_size}" if self.exact_shape else f"size {self.size}"
+            raise ConfigError(
+                f"{setting} allows up to {pixels} pixels, above max_pixels {self.max_pixels}; "
+                "use a smaller size or raise max_pixels"
+            )
         if self.keep_checkpoints == 0 or self.keep_checkpoints < -1:
             raise ConfigError(
                 f"invalid keep_checkpoints {self.keep_checkpoints}; use a positive count or -1 for all"

@@ -182,9 +182,15 @@ def parse_domain(path: Path, key: str, spec: dict[str, Any]) -> Any:
             raise ConfigError(f"{path}: {key}: {name} needs a non-empty list of values, got {short_repr(args)}")
         return getattr(tune, function)(args)
     if not isinstance(args, list) or len(args) != count or not all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+        isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args
     ):
-        raise ConfigError(f"{path}: {key}: {name} needs a list of {count} numbers, got {short_repr(args)}")
+        raise ConfigError(f"{path}: {key}: {name} needs a list of {count} finite numbers, got {short_repr(args)}")
+    if name == "randn" and args[1] <= 0:
+        raise ConfigError(f"{path}: {key}: randn{args} needs a standard deviation above 0")
+    if name != "randn" and not args[0] < args[1]:
+        raise ConfigError(f"{path}: {key}: {name}{args} needs a lower bound below the upper bound")
+    if count == 3 and args[2] <= 0:
+        raise ConfigError(f"{path}: {key}: {name}{args} needs a quantisation step q above 0")
     try:
         return getattr(tune, function)(*args)
     except (ValueError, TypeError, AssertionError) as error:
@@ -279,7 +285,7 @@ def trial_config(params: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
 
 def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -> None:
     """Validate a space before Ray starts: every choice and grid value, then a few samples."""
-    from ray.tune.search.sample import Categorical
+    from ray.tune.search.sample import Categorical, Float, Integer
     from ray.tune.search.variant_generator import generate_variants
 
     try:
@@ -288,11 +294,18 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
                 continue
             for value in space_values(domain):
                 trial_config({key: value}, base)
+        for key, domain in space.items():
+            # Both ends of a numeric range must give a valid config; a few samples can miss one.
+            if key in CONFIG_KEYS and isinstance(domain, (Float, Integer)):
+                upper = domain.upper - 1 if isinstance(domain, Integer) else domain.upper
+                for value in (domain.lower, upper):
+                    if math.isfinite(value):  # randn has no bounds
+                        trial_config({key: value}, base)
         rng = random.Random(0)
         variants = generate_variants(dict(space), random_state=rng.randint(0, 2**31))
         for _, variant in itertools.islice(variants, samples):
             trial_config(variant, base)
-    except (ConfigError, ValueError, TypeError) as error:
+    except (ConfigError, ValueError, TypeError, ZeroDivisionError) as error:
         # Tune's domains raise ValueError for bounds such as loguniform(high, low), and a
         # choice of mappings can hold a value of the wrong type.
         raise ConfigError(f"the search space gives an invalid config: {error}") from None
@@ -456,7 +469,13 @@ def trial_memory_estimate(config: StyleConfig) -> int:
 
 def concurrency_limit(config: StyleConfig, requested: int | None, cpus: float, cpus_per_trial: float) -> int:
     """Trials to run at once: what the CPUs and the memory allow, or the request if it fits."""
-    by_memory = max(1, int(available_memory_bytes() * 0.8 // trial_memory_estimate(config)))
+    by_memory = int(available_memory_bytes() * 0.8 // trial_memory_estimate(config))
+    if by_memory < 1:
+        raise InputError(
+            f"one trial at size {config.size} needs about {trial_memory_estimate(config) / 1e9:.1f} GB, but "
+            f"only {available_memory_bytes() / 1e9:.1f} GB is available; use a smaller --size, or join a "
+            "cluster with --address"
+        )
     by_cpus = max(1, int(cpus // cpus_per_trial))
     if requested is None:
         return min(by_memory, by_cpus)
@@ -697,6 +716,13 @@ def fit_tuner(tuner: tune.Tuner) -> SearchOutcome:
     return SearchOutcome(errors=results.num_errors, interrupted=interrupted)
 
 
+def samples_anything(space: Mapping[str, Any]) -> bool:
+    """Return whether the space has a domain, a grid or the style-weight simplex."""
+    from ray.tune.search.sample import Domain
+
+    return any(isinstance(value, Domain) or is_grid(value) or key == SIMPLEX_KEY for key, value in space.items())
+
+
 def fixed_values(space: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
     """Return the base config with the values that the space fixes, as every trial gets them."""
     from ray.tune.search.sample import Domain
@@ -759,8 +785,11 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
         raise InputError(f"invalid --searcher '{settings.searcher}'; choose one of: {', '.join(SEARCHERS)}")
     if settings.samples < 1:
         raise InputError(f"invalid --samples {settings.samples}; it must be 1 or more")
-    if settings.cpus_per_trial <= 0:
-        raise InputError(f"invalid --cpus-per-trial {settings.cpus_per_trial}; it must be above 0")
+    if not 0 < settings.cpus_per_trial < math.inf:
+        raise InputError(f"invalid --cpus-per-trial {settings.cpus_per_trial}; it must be a number above 0")
+    if not 0 <= settings.sampler_seed < 2**32:
+        # numpy's and Optuna's samplers take seeds in this range.
+        raise InputError(f"invalid --sampler-seed {settings.sampler_seed}; use 0 to 2**32 - 1")
     cpus = os.cpu_count() or 1
     if not settings.address and settings.cpus_per_trial > cpus:
         # The local Ray has this machine's CPUs, so every trial would wait forever.
@@ -782,6 +811,11 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
         raise InputError(
             "the search space samples steps, but ASHA needs one step count for every trial; "
             "fix steps in the space or with --steps"
+        )
+    if not samples_anything(space):
+        raise InputError(
+            f"the search space {settings.space} samples nothing, so every trial would run the same "
+            "config; give at least one setting a domain, such as {choice: [...]} or {loguniform: [low, high]}"
         )
     check_space(space, base)
     fixed = fixed_values(space, base)
@@ -823,10 +857,11 @@ def run_search(
 
     plan = plan or plan_search(settings, base)
     settings = plan.settings
-    folder.mkdir(parents=True, exist_ok=True)
-    save_search_file(folder, settings, base)
+    # Ray first: a cluster that cannot be joined leaves no experiment file behind.
     start_ray(settings)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_search_file(folder, settings, base)
         tuner = tune.Tuner(
             make_trainable(settings, base),
             param_space=plan.space,

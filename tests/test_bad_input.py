@@ -34,7 +34,7 @@ def test_invalid_tune_domain_in_space_file(tmp_path: Path, capsys: pytest.Captur
 
 def test_too_many_concurrent_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     error = run_error(
-        ["search", "--size", "4096", "--max-concurrent", "500", "--output", str(tmp_path / "x")], capsys
+        ["search", "--size", "256", "--max-concurrent", "500", "--output", str(tmp_path / "x")], capsys
     )
     assert "--max-concurrent 500 needs about" in error
     assert "or a smaller --size" in error
@@ -321,3 +321,21 @@ def test_resume_unreadable_tune_state(tmp_path: Path, capsys: pytest.CaptureFixt
     error = run_error(["search", "--resume", str(tmp_path)], capsys)
     assert f"Tune's state file {state} is unreadable" in error
     assert "--overwrite" in error
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("transfer", "--output"), ("transfer", "--preset"), ("transfer", "--config"), ("transfer", "--resume"),
+        ("search", "--output"), ("search", "--space"), ("search", "--preset"), ("search", "--config"),
+    ],
+)
+def test_empty_option_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, option: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty --output used to mean the working folder
+    with pytest.raises(SystemExit) as raised:
+        main([command, option, ""])
+    assert raised.value.code == EXIT_BAD_INPUT
+    assert f"argument {option}: must not be empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -238,6 +238,9 @@ INVALID_CHANGES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("infinite layer weight", {"style_layer_weights": [0.2, math.inf, 0.2, 0.2, 0.2]}, ["weight inf", "finite"]),
     ("keep checkpoints zero", {"keep_checkpoints": 0}, ["keep_checkpoints 0", "-1"]),
     ("seed too large", {"seed": 2**64}, ["seed 18446744073709551616", "2**64 - 1"]),
+    ("history too long", {"history_size": 2**31}, ["history_size 2147483648", "at most 2147483647"]),
+    ("size above max pixels", {"size": 5000}, ["size 5000", "25000000 pixels", "max_pixels 16777216"]),
+    ("exact size above max pixels", {"exact_size": "99999999999999999999x5"}, ["exact_size 99999999999999999999x5", "max_pixels"]),
     ("seed too negative", {"seed": -(2**63) - 1}, ["seed -9223372036854775809", "-2**63"]),
     ("weights without suffix", {"weights": "vgg"}, ["'vgg'", "caffe", ".pth"]),
 ]

@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -136,12 +137,18 @@ def test_space_file_simplex_and_mapping(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("content_weight: {lognormal: [1, 2]}\n", "unknown domain"),
-        ("content_weight: {loguniform: [1]}\n", "needs a list of 2 numbers"),
+        ("content_weight: {loguniform: [1]}\n", "needs a list of 2 finite numbers"),
         ("content_weight: {loguniform: [-1, 2]}\n", "invalid loguniform"),
         ("pooling: {choice: []}\n", "non-empty list"),
         ("pooling: {choice: [avg, median]}\n", "invalid pooling 'median'"),
         ("colour_weight: {uniform: [0, 1]}\n", "unknown config key 'colour_weight'"),
         ("- not a mapping\n", "must hold a mapping"),
+        ("content_weight: {uniform: [-0.01, 1]}\n", "content_weight -0.01"),
+        ("content_weight: {loguniform: [1.0e-1, 1.0e-7]}\n", "needs a lower bound below the upper bound"),
+        ("seed: {randint: [5, 5]}\n", "needs a lower bound below the upper bound"),
+        ("content_weight: {qloguniform: [1.0e-5, 1.0e-1, 0]}\n", "needs a quantisation step q above 0"),
+        ("content_weight: {randn: [1, 0]}\n", "needs a standard deviation above 0"),
+        ("content_weight: {uniform: [0, .inf]}\n", "2 finite numbers"),
         ("style_layer_weights_simplex: [0.5, 0.5]\n", "give a list of domains, one per style layer"),
         ("style_layer_weights_simplex: [{uniform: [0, 1]}]\n", "style_layer_weights has 1 values but style_layers has 5"),
         ("optimiser: {optimizer: adam, learning_rate: 0.1}\n", "unknown domain"),
@@ -290,8 +297,30 @@ def test_plan_loads_each_chosen_image(tmp_path: Path, data_dir: Path) -> None:
         search.plan_search(search.SearchSettings(space=str(space)), base, data_dir)
 
 
+def test_plan_rejects_space_that_samples_nothing(tmp_path: Path, data_dir: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("steps: 30\noptimiser: {optimizer: adam, lr: 0.01}\n")
+    base = GATYS2016.replace(size=32).with_absolute_paths(data_dir)
+    with pytest.raises(InputError, match=f"the search space {space} samples nothing"):
+        search.plan_search(search.SearchSettings(space=str(space)), base)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"sampler_seed": -1}, "invalid --sampler-seed -1"),
+        ({"sampler_seed": 2**32}, "invalid --sampler-seed 4294967296"),
+        ({"cpus_per_trial": math.nan}, "invalid --cpus-per-trial nan"),
+    ],
+)
+def test_plan_rejects_bad_settings(data_dir: Path, settings: dict, message: str) -> None:
+    base = GATYS2016.replace(size=32).with_absolute_paths(data_dir)
+    with pytest.raises(InputError, match=re.escape(message)):
+        search.plan_search(search.SearchSettings(**settings), base)
+
+
 def test_plan_on_cluster_skips_local_memory_check(data_dir: Path) -> None:
-    base = GATYS2016.replace(size=4096).with_absolute_paths(data_dir)
+    base = GATYS2016.replace(size=256).with_absolute_paths(data_dir)
     with pytest.raises(InputError, match="--max-concurrent 500 needs about"):
         search.plan_search(search.SearchSettings(max_concurrent=500), base)
     plan = search.plan_search(search.SearchSettings(max_concurrent=500, address="auto"), base)
@@ -314,10 +343,18 @@ def test_optuna_samples_paper_space() -> None:
     assert 1e-7 <= config.content_weight <= 1e-1
 
 
-def test_concurrency_beyond_memory_rejected() -> None:
-    config = GATYS2016.replace(size=4096)
-    with pytest.raises(InputError, match=r"--max-concurrent 64 needs about .* GB .* use --max-concurrent \d+ or less"):
+def test_concurrency_beyond_memory_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "available_memory_bytes", lambda: 16 * 10**9)
+    config = GATYS2016.replace(size=512)
+    with pytest.raises(InputError, match=r"--max-concurrent 64 needs about .* GB .* use --max-concurrent 3 or less"):
         search.concurrency_limit(config, 64, cpus=2, cpus_per_trial=1)
+
+
+def test_trial_beyond_memory_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "available_memory_bytes", lambda: 16 * 10**9)
+    config = GATYS2016.replace(size=4096)
+    with pytest.raises(InputError, match=r"one trial at size 4096 needs about .* GB, but only 16.0 GB"):
+        search.concurrency_limit(config, None, cpus=2, cpus_per_trial=1)
 
 
 def test_concurrency_default_fits_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
