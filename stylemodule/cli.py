@@ -132,11 +132,14 @@ def check_output_dir(path: Path, overwrite: bool, resuming_from: Path | None = N
 
 
 def check_folder_path(path: Path, option: str) -> None:
-    """Reject a folder path that is, or lies under, an existing file."""
-    for folder in (path, *path.parents):
+    """Reject a folder path that is, or lies under, an existing file, or that cannot be
+    created or written (a read-only folder or file system)."""
+    for folder in (path, *path.absolute().parents):
         if folder.exists():
             if not folder.is_dir():
                 raise InputError(f"{option} {path} cannot be a folder: {folder} is a file; choose another {option}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{option} {path} cannot be written: {folder} is read-only; choose another {option}")
             return
 
 

@@ -339,3 +339,20 @@ def test_empty_option_rejected(
     assert raised.value.code == EXIT_BAD_INPUT
     assert f"argument {option}: must not be empty" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["transfer", "search"])
+def test_read_only_output_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Root ignores permission bits, so the test marks the folder read-only for os.access,
+    # as a read-only file system would make it.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != locked and access(path, mode, **kwargs))
+
+    error = run_error([command, "--size", "32", "--output", str(locked / "run")], capsys)
+
+    assert f"--output {locked / 'run'} cannot be written: {locked} is read-only" in error
+    assert list(locked.iterdir()) == []
