@@ -49,16 +49,23 @@ def load_image(
     noun = "image" if role == "image" else f"{role} image"
     label = f"{noun} {path}"
     if not path.exists():
-        fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(path.parent))}"
-        raise ImageError(
-            f"{noun} not found: {path}; check the path, or download the bundled images into its folder with `{fetch}`"
-        )
+        raise ImageError(f"{noun} not found: {path}; {_missing_image_hint(path)}")
     if path.is_dir():
         raise ImageError(f"{label} is a folder, not a file; give the path of an image file")
 
     upright = _decode(path, label, max_pixels)
     _check_min_side(upright, label, min_side)
     return _to_tensor(upright, label)
+
+
+def _missing_image_hint(path: Path) -> str:
+    """Return what to do about a missing image: fetch it if the manifest lists its name."""
+    from stylemodule.data import read_manifest
+
+    if path.name in {entry.name for entry in read_manifest()}:
+        fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(path.parent))}"
+        return f"download the reference images into its folder with `{fetch}`, or give another data folder"
+    return "check the path"
 
 
 def _decode(path: Path, label: str, max_pixels: int) -> Image.Image:

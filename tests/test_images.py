@@ -256,10 +256,16 @@ def test_load_too_small_after_rotation(tmp_path: Path) -> None:
 
 
 def test_load_missing(tmp_path: Path) -> None:
-    path = tmp_path / "my data" / "absent.jpg"
+    path = tmp_path / "absent.jpg"
+    with pytest.raises(ImageError, match=message_pattern("content image not found: ", path, "; check the path")) as raised:
+        load_image(path, role="content")
+    assert "data fetch" not in str(raised.value)
+
+
+def test_load_missing_reference_image_suggests_fetch(tmp_path: Path) -> None:
+    path = tmp_path / "my data" / STARRY_NIGHT
     fetch = f"`stylemodule data fetch --data-dir '{path.parent}'`"
-    pattern = message_pattern("content image not found: ", path, fetch)
-    with pytest.raises(ImageError, match=pattern):
+    with pytest.raises(ImageError, match=message_pattern("content image not found: ", path, fetch)):
         load_image(path, role="content")
 
 
