@@ -133,7 +133,10 @@ def _check_min_side(image: Image.Image, label: str, min_side: int) -> None:
 def _to_tensor(image: Image.Image, label: str) -> torch.Tensor:
     """Convert any Pillow mode to a float32 (3, H, W) RGB tensor in [0, 1]."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        grey = _scale_high_depth(np.asarray(image, dtype=np.float64), image.mode)
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{label} contains NaN or infinite pixel values; save it with finite values")
+        grey = _scale_high_depth(values, image.mode)
         return torch.from_numpy(grey).to(torch.float32).expand(3, -1, -1).contiguous()
 
     try:

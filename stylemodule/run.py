@@ -51,6 +51,7 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+SSIM_MIN_SIDE = 11  # the side of the Gaussian window of torchmetrics' SSIM, in pixels
 
 
 @dataclasses.dataclass
@@ -102,8 +103,13 @@ def load_inputs(config: StyleConfig) -> Inputs:
 
     reference = None
     if config.reference:
-        # SSIM's 11x11 Gaussian window needs at least 11 pixels on each side.
-        reference = load_image(config.reference, role="reference", max_pixels=config.max_pixels, min_side=11)
+        reference = load_image(config.reference, role="reference", **load)
+        if min(reference.shape[-2:]) < SSIM_MIN_SIDE:
+            raise ImageError(
+                f"reference image {config.reference} is {reference.shape[-1]}x{reference.shape[-2]} pixels, but "
+                f"SSIM's {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} window needs at least {SSIM_MIN_SIDE} pixels on each side; "
+                "use a larger reference image"
+            )
 
     calibration = None
     if config.normalize and config.calibration_dir:

@@ -262,6 +262,16 @@ def test_load_missing(tmp_path: Path) -> None:
     assert "data fetch" not in str(raised.value)
 
 
+def test_load_nan_pixels_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "nan.tif"
+    pixels = np.full((HEIGHT, WIDTH), 0.5, dtype=np.float32)
+    pixels[3, 4] = np.nan
+    Image.fromarray(pixels, mode="F").save(path)
+
+    with pytest.raises(ImageError, match=message_pattern(path, "contains NaN or infinite pixel values")):
+        load_image(path)
+
+
 def test_load_missing_reference_image_suggests_fetch(tmp_path: Path) -> None:
     path = tmp_path / "my data" / STARRY_NIGHT
     fetch = f"`stylemodule data fetch --data-dir '{path.parent}'`"

@@ -193,6 +193,14 @@ def test_small_files_resized_up_accepted(data_dir: Path, tmp_path: Path) -> None
     assert inputs.style.shape == (3, 32, 32)
 
 
+def test_small_reference_names_ssim_window(data_dir: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (10, 30)).save(tmp_path / "reference.png")
+    config = small_config(data_dir, reference=str(tmp_path / "reference.png"))
+
+    with pytest.raises(ImageError, match="is 10x30 pixels, but SSIM's 11x11 window needs at least 11 pixels"):
+        load_inputs(config)
+
+
 def test_calibration_image_too_thin_rejected(data_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "calibration"
     folder.mkdir()
