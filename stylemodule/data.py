@@ -358,5 +358,6 @@ def _download_error(
     return DownloadError(
         f"download of {entry.name} from {entry.url} failed ({reason}). If this machine is "
         f"offline, copy the file by hand into {data_dir} under the name {entry.name} "
-        f"(SHA-256 {entry.sha256}, {entry.size} bytes), then run `stylemodule data verify`."
+        f"(SHA-256 {entry.sha256}, {entry.size} bytes), then run "
+        f"`stylemodule data verify --data-dir {shlex.quote(str(data_dir))}`."
     )

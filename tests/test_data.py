@@ -393,7 +393,7 @@ def test_fetch_unreachable_says_copy_by_hand(data_dir):
     assert message.startswith(f"download of x.jpg from {entry.url} failed (")
     assert f"copy the file by hand into {data_dir} under the name x.jpg" in message
     assert entry.sha256 in message
-    assert "`stylemodule data verify`" in message
+    assert f"`stylemodule data verify --data-dir {data_dir}`" in message
     assert not (data_dir / "x.jpg").exists()
 
 
