@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -308,6 +309,16 @@ def check_checkpoint_matches(
                 f"{source} was written with {name}={hparams[name]} but this run uses "
                 f"{name}={getattr(config, name)}, which a resumed run cannot change; "
                 "resume with the checkpoint's config.yaml, or start a new run"
+            )
+    # The loss targets come from the images. Paths change when the data moves, so the
+    # file names are compared. NOTE: two different files with one name pass.
+    for role in ("content", "style"):
+        saved_name = Path(str(hparams.get(role) or "")).name
+        name = Path(str(getattr(config, role) or "")).name
+        if saved_name and saved_name != name:
+            raise CheckpointError(
+                f"{source} was made from the {role} image {saved_name} but this run uses {name}, which a "
+                "resumed run cannot change; resume with the checkpoint's config.yaml, or start a new run"
             )
     # The image is stored in the network's input space, so that space must not change.
     saved_space = resolved_preprocessing(hparams.get("preprocessing", "auto"), hparams.get("weights", "caffe"))

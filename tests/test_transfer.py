@@ -296,8 +296,9 @@ def test_resume_other_size_rejected(
         (["--optimizer", "adam"], "optimizer=adam"),
         (["--no-normalize"], "normalize=False"),
         (["--preset", "tutorial"], "--preset tutorial does not apply with --resume"),
+        (["--style", "Van_Gogh_Starry_Night_970.jpg"], "style image Van_Gogh_Starry_Night_gatys_paper_004.jpg but"),
     ],
-    ids=["lr", "seed", "optimizer", "normalize", "preset"],
+    ids=["lr", "seed", "optimizer", "normalize", "preset", "style"],
 )
 def test_resume_fixed_setting_rejected(
     run_dir: Path, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
