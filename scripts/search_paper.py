@@ -5,6 +5,10 @@
     python scripts/search_paper.py --gpu          # 32 trials at 512 pixels, a quarter GPU each
 
 Any further arguments go to `stylemodule search` and override these.
+
+    python scripts/search_paper.py --resume       # continue the interrupted search above
+    python scripts/search_paper.py --gpu --resume # the same for the GPU search
+    python scripts/search_paper.py --resume DIR   # continue the search in DIR
 """
 
 from __future__ import annotations
@@ -24,13 +28,24 @@ GPU = ["--samples", "32", "--size", "512", "--steps", "1000", "--eval-every", "5
 
 
 def build_argv(argv: list[str]) -> list[str]:
+    """Return the `stylemodule` arguments for this script's arguments."""
     mode = CPU
     if "--smoke" in argv:
         mode, argv = SMOKE, [a for a in argv if a != "--smoke"]
     elif "--gpu" in argv:
         mode, argv = GPU, [a for a in argv if a != "--gpu"]
+    if "--resume" in argv:
+        # `search --resume` takes the saved settings and no other options, so the mode's
+        # options stay out; without a folder, the mode's --output is resumed.
+        index = argv.index("--resume")
+        if index + 1 == len(argv) or argv[index + 1].startswith("-"):
+            argv = [*argv[: index + 1], mode[mode.index("--output") + 1], *argv[index + 1:]]
+        return ["search", *argv]
     return ["search", "--space", "paper", *mode, *argv]
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        print("The options of `stylemodule search`, with its own defaults (the modes above set others):\n")
     sys.exit(main(build_argv(sys.argv[1:])))

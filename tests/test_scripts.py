@@ -109,3 +109,26 @@ def test_readme_gpu_example_matches_script() -> None:
     options = shlex.split(command.replace("\\\n", " "))[2:]
 
     assert options == ["--space", "paper", *load_script("search_paper").GPU]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--resume"], ["search", "--resume", "outputs/search-paper"]),
+        (["--gpu", "--resume"], ["search", "--resume", "outputs/search-paper-gpu"]),
+        (["--resume", "runs/mine"], ["search", "--resume", "runs/mine"]),
+    ],
+    ids=["cpu", "gpu", "folder"],
+)
+def test_search_script_resume_argv(argv: list[str], expected: list[str]) -> None:
+    assert load_script("search_paper").build_argv(argv) == expected
+
+
+def test_search_script_help_names_modes() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPTS / "search_paper.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0
+    assert "--smoke" in completed.stdout
+    assert "--resume" in completed.stdout
+    assert "--max-concurrent" in completed.stdout
