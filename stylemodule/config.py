@@ -466,11 +466,25 @@ def preset(name: str) -> StyleConfig:
 
 
 class _YAMLLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e6` and `8e-4` as floats, as YAML 1.2 does.
+    """SafeLoader that also reads `1e6` and `8e-4` as floats, as YAML 1.2 does, and
+    rejects a key given twice in one mapping.
 
     PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so it would
-    read those as strings.
+    read those as strings. It also keeps the last of two equal keys without a word.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if any(key_node.tag == "tag:yaml.org,2002:merge" for key_node, _ in node.value):
+            return super().construct_mapping(node, deep=deep)  # merged keys may repeat by design
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YAMLLoader.add_implicit_resolver(

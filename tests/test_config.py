@@ -337,6 +337,14 @@ def test_yaml_anchor_expansion_message_short(tmp_path: Path) -> None:
     assert len(str(raised.value)) < 1000
 
 
+def test_yaml_duplicate_key_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("size: 256\nsteps: 30\nsize: 512\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="found the key 'size' twice at line 3, column 1"):
+        load_yaml(path)
+
+
 def test_yaml_list_rejected(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("- size: 512\n- steps: 3\n", encoding="utf-8")
