@@ -43,8 +43,9 @@ class StyleTransferModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.config = config
-        # logger=False: the hparams go to TensorBoard once, with the final metrics.
-        self.save_hyperparameters(config.to_dict(), logger=False)
+        # The logger stores the hparams at the start for its hparams.yaml. TensorBoard's HParams
+        # tab gets them once, with the final metrics (callbacks.FinalMetrics).
+        self.save_hyperparameters(config.to_dict())
 
         extractor = build_extractor(config.loss_layers, config.weights, config.pooling, config.preprocessing)
         if config.channels_last:

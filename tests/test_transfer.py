@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -110,6 +111,14 @@ def test_transfer_tensorboard_tags(run_dir: Path) -> None:
         assert scalar in tags["scalars"], f"{scalar} missing from {tags['scalars']}"
     for image in ("input/content", "input/style", "input/reference", "image/generated"):
         assert image in tags["images"], f"{image} missing from {tags['images']}"
+
+
+@pytest.mark.slow
+def test_transfer_hparams_saved(run_dir: Path) -> None:
+    hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["size"] == 32
+    assert hparams["optimizer"] == "lbfgs"
+    assert event_accumulator(run_dir).PluginTagToContent("hparams")
 
 
 @pytest.mark.slow
