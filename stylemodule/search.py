@@ -227,6 +227,29 @@ def space_values(domain: Any) -> list[Any]:
     return [domain]
 
 
+def setting_values(space: Mapping[str, Any], name: str) -> list[Any]:
+    """Return every value that the space can give config field `name`: under its own key,
+    or inside a mapping (fixed, or a choice or grid of mappings) that the trials merge in."""
+    values = []
+    for key, domain in space.items():
+        if key == name:
+            values += [None] if domain is None else space_values(domain)
+            continue
+        options = [domain] if isinstance(domain, Mapping) and not is_grid(domain) else space_values(domain)
+        values += [option[name] for option in options if isinstance(option, Mapping) and name in option]
+    return values
+
+
+def samples_through_mapping(space: Mapping[str, Any], name: str) -> bool:
+    """Return whether a choice or grid of mappings can set config field `name`."""
+    return any(
+        isinstance(option, Mapping) and name in option
+        for key, domain in space.items()
+        if key != name and not (isinstance(domain, Mapping) and not is_grid(domain))
+        for option in space_values(domain)
+    )
+
+
 def absolute_space_paths(space: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
     """Return the space with every image and weights path it fixes or chooses made absolute.
 
@@ -669,10 +692,10 @@ def check_inputs(space: Mapping[str, Any], base: StyleConfig) -> None:
 
     load_inputs(base)
     for key in PATH_FIELDS:
-        for value in space_values(space.get(key)):
+        for value in setting_values(space, key):
             if value != getattr(base, key):
                 load_inputs(trial_config({key: value}, base))
-    sources = {base.weights, *space_values(space.get("weights"))}
+    sources = {base.weights, *(str(value) for value in setting_values(space, "weights"))}
     for source in sorted(sources):
         if source in WEIGHT_SOURCES or Path(source).suffix:
             load_state_dict(source)
@@ -807,10 +830,15 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
         raise InputError("a search ranks its trials by MAE against the reference image, but --reference is empty; give one")
     _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
     space = absolute_space_paths(space, resolve_data_dir(data_dir))
-    if "steps" in space and not isinstance(space["steps"], (int, float)):
+    if ("steps" in space and not isinstance(space["steps"], (int, float))) or samples_through_mapping(space, "steps"):
         raise InputError(
             "the search space samples steps, but ASHA needs one step count for every trial; "
             "fix steps in the space or with --steps"
+        )
+    if any(not value for value in setting_values(space, "reference")):
+        raise InputError(
+            "a search ranks its trials by MAE against the reference image, but the search space "
+            "sets an empty reference; remove it from the space"
         )
     if not samples_anything(space):
         raise InputError(

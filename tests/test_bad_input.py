@@ -189,8 +189,14 @@ def test_asha_settings_rejected(
         (["--max-concurrent", "0"], None, "invalid --max-concurrent 0"),
         (["--gpus-per-trial", "-1"], None, "invalid --gpus-per-trial -1.0; it must be 0 or more"),
         (["--cpus-per-trial", "4096"], None, "--cpus-per-trial 4096.0 is more than this machine's"),
+        ([], "pooling: {choice: [avg, max]}\nreference: null\n", "the search space sets an empty reference"),
+        ([], "bundle: {grid: [{steps: 4, lr: 0.5}, {steps: 8, lr: 0.5}]}\n", "the search space samples steps"),
+        ([], "pair: {choice: [{content: absent.jpg, lr: 0.5}]}\n", "content image not found"),
     ],
-    ids=["no-reference", "sampled-steps", "optuna-grid", "max-concurrent", "gpus-per-trial", "cpus-per-trial"],
+    ids=[
+        "no-reference", "sampled-steps", "optuna-grid", "max-concurrent", "gpus-per-trial", "cpus-per-trial",
+        "space-reference", "mapping-steps", "mapping-content",
+    ],
 )
 def test_search_plan_rejected(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], space: str | None, message: str
