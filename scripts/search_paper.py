@@ -34,6 +34,8 @@ def build_argv(argv: list[str]) -> list[str]:
         mode, argv = SMOKE, [a for a in argv if a != "--smoke"]
     elif "--gpu" in argv:
         mode, argv = GPU, [a for a in argv if a != "--gpu"]
+    if any(token.startswith("--resume=") for token in argv):
+        return ["search", *argv]
     if "--resume" in argv:
         # `search --resume` takes the saved settings and no other options, so the mode's
         # options stay out; without a folder, the mode's --output is resumed.

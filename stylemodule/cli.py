@@ -143,6 +143,15 @@ def check_folder_path(path: Path, option: str) -> None:
             return
 
 
+def check_experiment_writable(folder: Path, command: str) -> None:
+    """Reject an experiment folder that `command` would write into but cannot."""
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"experiment folder {folder} is read-only, but `{command}` writes into it; "
+            "copy it to a writable folder and run the command there"
+        )
+
+
 def remove_paths(paths: list[Path]) -> None:
     for target in paths:
         if target.is_dir():
@@ -378,6 +387,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     if args.resume is not None:
         check_resume_alone(args)
         folder = args.resume
+        check_experiment_writable(folder, "stylemodule search --resume")
         outcome = search.resume_search(folder)
     else:
         space_preset = search.SPACES.get(args.space, ("gatys2016",))[0]
@@ -470,6 +480,7 @@ def report_parser(subparsers: Any) -> None:
 def run_report_command(args: argparse.Namespace) -> int:
     from stylemodule.report import write_report
 
+    check_experiment_writable(args.experiment, "stylemodule report")
     print(write_report(args.experiment))
     return 0
 

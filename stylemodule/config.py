@@ -168,7 +168,7 @@ class StyleConfig:
             hint = difflib.get_close_matches(str(key), known, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(
-                f"unknown config key '{key}'{suggestion}; valid keys: {', '.join(known)}"
+                f"unknown config key {short_repr(key)}{suggestion}; valid keys: {', '.join(known)}"
             )
         # Copy the base's lists, so that configs derived from one another share none.
         lists = {name: list(value) for name, value in vars(base).items() if isinstance(value, list)}
@@ -474,14 +474,14 @@ class _YAMLLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if any(key_node.tag == "tag:yaml.org,2002:merge" for key_node, _ in node.value):
-            return super().construct_mapping(node, deep=deep)  # merged keys may repeat by design
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys that a merge brings in may repeat an explicit key by design
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                    "while constructing a mapping", node.start_mark, f"found the key {short_repr(key)} twice", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -499,7 +499,7 @@ def load_yaml(path: str | Path, base: StyleConfig | None = None) -> StyleConfig:
 
     A `preset` key, when present, selects the base that the other keys change.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

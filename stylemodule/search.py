@@ -152,10 +152,11 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
         if is_domain_spec(spec):
             space[key] = parse_domain(path, key, spec)
         elif key == SIMPLEX_KEY:
-            if not isinstance(spec, list) or not spec or not all(is_domain_spec(item) for item in spec):
+            if not isinstance(spec, list) or not spec or not all(is_unit_uniform(item) for item in spec):
                 raise ConfigError(
-                    f"{path}: {key}: give a list of domains, one per style layer, such as "
-                    f"[{{uniform: [0, 1]}}, {{uniform: [0, 1]}}]; got {short_repr(spec)}"
+                    f"{path}: {key}: give a list of draws, one per style layer, each {{uniform: [low, high]}} "
+                    f"with 0 <= low < high <= 1, such as [{{uniform: [0, 1]}}, {{uniform: [0, 1]}}]; "
+                    f"got {short_repr(spec)}"
                 )
             space[key] = [parse_domain(path, key, item) for item in spec]
         elif isinstance(spec, dict) and not (spec and set(spec) <= CONFIG_KEYS):
@@ -167,6 +168,17 @@ def load_space_file(path: str | Path) -> dict[str, Any]:
         else:
             space[key] = spec
     return space
+
+
+def is_unit_uniform(spec: Any) -> bool:
+    """Return whether `spec` is `{uniform: [low, high]}` with 0 <= low < high <= 1."""
+    bounds = spec.get("uniform") if isinstance(spec, dict) and len(spec) == 1 else None
+    return (
+        isinstance(bounds, list)
+        and len(bounds) == 2
+        and all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in bounds)
+        and 0 <= bounds[0] < bounds[1] <= 1
+    )
 
 
 def is_domain_spec(spec: Any) -> bool:
@@ -202,8 +214,8 @@ def resolve_space(name_or_path: str, **options: Any) -> tuple[str, dict[str, Any
     if name_or_path in SPACES:
         preset_name, factory = SPACES[name_or_path]
         return preset_name, factory(**options) if name_or_path == "tutorial-grid" else factory()
-    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).exists():
-        return "gatys2016", load_space_file(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).expanduser().exists():
+        return "gatys2016", load_space_file(Path(name_or_path).expanduser())
     raise ConfigError(
         f"unknown search space '{name_or_path}'; choose one of: {', '.join(SPACES)}, or give a YAML file"
     )
@@ -308,7 +320,7 @@ def trial_config(params: Mapping[str, Any], base: StyleConfig) -> StyleConfig:
 
 def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -> None:
     """Validate a space before Ray starts: every choice and grid value, then a few samples."""
-    from ray.tune.search.sample import Categorical, Float, Integer
+    from ray.tune.search.sample import Categorical, Float, Integer, Quantized
     from ray.tune.search.variant_generator import generate_variants
 
     try:
@@ -320,7 +332,9 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
         for key, domain in space.items():
             # Both ends of a numeric range must give a valid config; a few samples can miss one.
             if key in CONFIG_KEYS and isinstance(domain, (Float, Integer)):
-                upper = domain.upper - 1 if isinstance(domain, Integer) else domain.upper
+                # randint excludes its upper bound; qrandint rounds up to it (Ray 2.60).
+                exclusive = isinstance(domain, Integer) and not isinstance(domain.get_sampler(), Quantized)
+                upper = domain.upper - 1 if exclusive else domain.upper
                 for value in (domain.lower, upper):
                     if math.isfinite(value):  # randn has no bounds
                         trial_config({key: value}, base)
@@ -494,10 +508,11 @@ def concurrency_limit(config: StyleConfig, requested: int | None, cpus: float, c
     """Trials to run at once: what the CPUs and the memory allow, or the request if it fits."""
     by_memory = int(available_memory_bytes() * 0.8 // trial_memory_estimate(config))
     if by_memory < 1:
+        setting = f"exact_size {config.exact_size}" if config.exact_shape else f"size {config.size}"
         raise InputError(
-            f"one trial at size {config.size} needs about {trial_memory_estimate(config) / 1e9:.1f} GB, but "
-            f"only {available_memory_bytes() / 1e9:.1f} GB is available; use a smaller --size, or join a "
-            "cluster with --address"
+            f"one trial at {setting} needs about {trial_memory_estimate(config) / 1e9:.1f} GB, but only "
+            f"{available_memory_bytes() / 1e9:.1f} GB is available; use a smaller size (--size, or the "
+            "sizes in the search space), or join a cluster with --address"
         )
     by_cpus = max(1, int(cpus // cpus_per_trial))
     if requested is None:

@@ -362,3 +362,18 @@ def test_read_only_output_rejected(
 
     assert f"--output {locked / 'run'} cannot be written: {locked} is read-only" in error
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["report"], ["search", "--resume"]], ids=["report", "resume"])
+def test_read_only_experiment_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != experiment and access(path, mode, **kwargs))
+
+    error = run_error([*command, str(experiment)], capsys)
+
+    assert f"experiment folder {experiment} is read-only, but `stylemodule {' '.join(command)}` writes into it" in error
+    assert list(experiment.iterdir()) == []

@@ -117,8 +117,9 @@ def test_readme_gpu_example_matches_script() -> None:
         (["--resume"], ["search", "--resume", "outputs/search-paper"]),
         (["--gpu", "--resume"], ["search", "--resume", "outputs/search-paper-gpu"]),
         (["--resume", "runs/mine"], ["search", "--resume", "runs/mine"]),
+        (["--resume=runs/mine"], ["search", "--resume=runs/mine"]),
     ],
-    ids=["cpu", "gpu", "folder"],
+    ids=["cpu", "gpu", "folder", "equals"],
 )
 def test_search_script_resume_argv(argv: list[str], expected: list[str]) -> None:
     assert load_script("search_paper").build_argv(argv) == expected

@@ -149,7 +149,12 @@ def test_space_file_simplex_and_mapping(tmp_path: Path) -> None:
         ("content_weight: {qloguniform: [1.0e-5, 1.0e-1, 0]}\n", "needs a quantisation step q above 0"),
         ("content_weight: {randn: [1, 0]}\n", "needs a standard deviation above 0"),
         ("content_weight: {uniform: [0, .inf]}\n", "2 finite numbers"),
-        ("style_layer_weights_simplex: [0.5, 0.5]\n", "give a list of domains, one per style layer"),
+        ("style_layer_weights_simplex: [0.5, 0.5]\n", "give a list of draws, one per style layer"),
+        ("style_layer_weights_simplex: [{uniform: [0.5, 1.02]}]\n", "0 <= low < high <= 1"),
+        ("style_layer_weights_simplex: [{choice: [1]}]\n", "one per style layer, each"),
+        ("threads: {qrandint: [5, 1025, 5]}\n", "invalid threads 1025"),
+        ("base: &b {size: 48}\nx:\n  <<: *b\n  lr: 1.0\n  lr: 2.0\n", "found the key 'lr' twice"),
+        ('"a\\nb": 1\n', "unknown config key 'a.nb'"),  # the newline as the two characters \\n
         ("style_layer_weights_simplex: [{uniform: [0, 1]}]\n", "style_layer_weights has 1 values but style_layers has 5"),
         ("optimiser: {optimizer: adam, learning_rate: 0.1}\n", "unknown domain"),
         ("optimiser: {choice: [{optimizer: adam, lr: [1]}]}\n", "invalid config"),
