@@ -481,7 +481,10 @@ class _YAMLLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found the key {short_repr(key)} twice", key_node.start_mark
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {short_repr(key)} twice",
+                    key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
