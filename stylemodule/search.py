@@ -845,7 +845,8 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
         raise InputError("a search ranks its trials by MAE against the reference image, but --reference is empty; give one")
     _, space = resolve_space(settings.space, **({"stride": settings.grid_stride} if settings.space == "tutorial-grid" else {}))
     space = absolute_space_paths(space, resolve_data_dir(data_dir))
-    if ("steps" in space and not isinstance(space["steps"], (int, float))) or samples_through_mapping(space, "steps"):
+    sampled_steps = "steps" in space and not isinstance(space["steps"], (int, float))
+    if sampled_steps or samples_through_mapping(space, "steps"):
         raise InputError(
             "the search space samples steps, but ASHA needs one step count for every trial; "
             "fix steps in the space or with --steps"
