@@ -11,7 +11,6 @@ import argparse
 import logging
 import math
 import os
-import shlex
 import shutil
 import sys
 import warnings
@@ -138,14 +137,19 @@ def check_folder_path(path: Path, option: str) -> None:
         if folder.exists():
             if not folder.is_dir():
                 raise InputError(f"{option} {path} cannot be a folder: {folder} is a file; choose another {option}")
-            if not os.access(folder, os.W_OK | os.X_OK):
+            if not is_writable(folder):
                 raise InputError(f"{option} {path} cannot be written: {folder} is read-only; choose another {option}")
             return
 
 
+def is_writable(folder: Path) -> bool:
+    """Return whether files can be created in `folder` (False on a read-only file system)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def check_experiment_writable(folder: Path, command: str) -> None:
     """Reject an experiment folder that `command` would write into but cannot."""
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+    if folder.is_dir() and not is_writable(folder):
         raise InputError(
             f"experiment folder {folder} is read-only, but `{command}` writes into it; "
             "copy it to a writable folder and run the command there"
@@ -205,7 +209,7 @@ def resolve_resume(path: Path) -> Path:
 
 def images_data_dir(option: str | None) -> Path:
     """Return the data folder that relative image paths resolve in; a given --data-dir must exist."""
-    from stylemodule.data import resolve_data_dir
+    from stylemodule.data import data_command, resolve_data_dir
 
     folder = resolve_data_dir(option)
     if option and not folder.is_dir():
@@ -213,7 +217,7 @@ def images_data_dir(option: str | None) -> Path:
             raise InputError(f"data folder {option} is a file, not a folder; give the folder that contains the images")
         raise InputError(
             f"data folder {option} not found; give the folder that contains the images, or download "
-            f"them into it with `stylemodule data fetch --data-dir {shlex.quote(option)}`"
+            f"them into it with `{data_command('fetch', option)}`"
         )
     return folder
 

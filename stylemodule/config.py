@@ -195,6 +195,18 @@ class StyleConfig:
         return height, width
 
     @property
+    def max_image_pixels(self) -> int:
+        """Largest pixel count of the generated image: exact_size's, else size x size, because
+        the aspect ratio is known only once the content image is read."""
+        shape = self.exact_shape
+        return shape[0] * shape[1] if shape else self.size * self.size
+
+    @property
+    def size_setting(self) -> str:
+        """The setting that sizes the image, for messages: `exact_size WxH` or `size N`."""
+        return f"exact_size {self.exact_size}" if self.exact_size else f"size {self.size}"
+
+    @property
     def loss_layers(self) -> list[str]:
         return list(dict.fromkeys([*self.content_layers, *self.style_layers]))
 
@@ -216,13 +228,10 @@ class StyleConfig:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be a positive integer")
             if getattr(self, name) > MAX_COUNT:
                 raise ConfigError(f"invalid {name} {getattr(self, name)}; it must be at most {MAX_COUNT}")
-        # The generated image has at most size x size pixels, or exactly exact_size's.
-        pixels = self.exact_shape[0] * self.exact_shape[1] if self.exact_shape else self.size * self.size
-        if pixels > self.max_pixels:
-            setting = f"exact_size {self.exact_size}" if self.exact_shape else f"size {self.size}"
+        if self.max_image_pixels > self.max_pixels:
             raise ConfigError(
-                f"{setting} allows up to {pixels} pixels, above max_pixels {self.max_pixels}; "
-                "use a smaller size or raise max_pixels"
+                f"{self.size_setting} allows up to {self.max_image_pixels} pixels, above max_pixels "
+                f"{self.max_pixels}; use a smaller size or raise max_pixels"
             )
         if self.keep_checkpoints == 0 or self.keep_checkpoints < -1:
             raise ConfigError(

@@ -219,6 +219,11 @@ def _verify_one(path: Path, entry: ManifestEntry) -> FileStatus:
     return FileStatus(entry, path, OK, "size and SHA-256 match")
 
 
+def data_command(action: str, data_dir: str | os.PathLike[str]) -> str:
+    """Return the `stylemodule data ACTION` command line for `data_dir`, quoted for a shell."""
+    return f"stylemodule data {action} --data-dir {shlex.quote(str(data_dir))}"
+
+
 def check(data_dir: str | os.PathLike[str], entries: Iterable[ManifestEntry]) -> list[FileStatus]:
     """Verify every file and raise DataError unless all of them are ok.
 
@@ -231,7 +236,7 @@ def check(data_dir: str | os.PathLike[str], entries: Iterable[ManifestEntry]) ->
     if not bad:
         return statuses
 
-    fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(data_dir))}"
+    fetch = data_command("fetch", data_dir)
     lines = [f"{len(bad)} of {len(statuses)} reference files in {data_dir} are not usable:"]
     for status in bad:
         entry = status.entry
@@ -358,6 +363,5 @@ def _download_error(
     return DownloadError(
         f"download of {entry.name} from {entry.url} failed ({reason}). If this machine is "
         f"offline, copy the file by hand into {data_dir} under the name {entry.name} "
-        f"(SHA-256 {entry.sha256}, {entry.size} bytes), then run "
-        f"`stylemodule data verify --data-dir {shlex.quote(str(data_dir))}`."
+        f"(SHA-256 {entry.sha256}, {entry.size} bytes), then run `{data_command('verify', data_dir)}`."
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import warnings
 from pathlib import Path
 
@@ -60,10 +59,10 @@ def load_image(
 
 def _missing_image_hint(path: Path) -> str:
     """Return what to do about a missing image: fetch it if the manifest lists its name."""
-    from stylemodule.data import read_manifest
+    from stylemodule.data import data_command, read_manifest
 
     if path.name in {entry.name for entry in read_manifest()}:
-        fetch = f"stylemodule data fetch --data-dir {shlex.quote(str(path.parent))}"
+        fetch = data_command("fetch", path.parent)
         return f"download the reference images into its folder with `{fetch}`, or give another data folder"
     return "check the path"
 

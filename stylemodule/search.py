@@ -239,27 +239,31 @@ def space_values(domain: Any) -> list[Any]:
     return [domain]
 
 
+def space_mappings(space: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], bool]]:
+    """Yield each mapping of config fields that trials merge in, and whether the space
+    samples it (from a choice or grid) rather than fixing it."""
+    for domain in space.values():
+        if isinstance(domain, Mapping) and not is_grid(domain):
+            yield domain, False
+            continue
+        for option in space_values(domain):
+            if isinstance(option, Mapping):
+                yield option, True
+
+
 def setting_values(space: Mapping[str, Any], name: str) -> list[Any]:
     """Return every value that the space can give config field `name`: under its own key,
     or inside a mapping (fixed, or a choice or grid of mappings) that the trials merge in."""
     values = []
-    for key, domain in space.items():
-        if key == name:
-            values += [None] if domain is None else space_values(domain)
-            continue
-        options = [domain] if isinstance(domain, Mapping) and not is_grid(domain) else space_values(domain)
-        values += [option[name] for option in options if isinstance(option, Mapping) and name in option]
+    if name in space:
+        values += [None] if space[name] is None else space_values(space[name])
+    values += [mapping[name] for mapping, _ in space_mappings(space) if name in mapping]
     return values
 
 
 def samples_through_mapping(space: Mapping[str, Any], name: str) -> bool:
     """Return whether a choice or grid of mappings can set config field `name`."""
-    return any(
-        isinstance(option, Mapping) and name in option
-        for key, domain in space.items()
-        if key != name and not (isinstance(domain, Mapping) and not is_grid(domain))
-        for option in space_values(domain)
-    )
+    return any(sampled and name in mapping for mapping, sampled in space_mappings(space))
 
 
 def absolute_space_paths(space: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -496,10 +500,7 @@ def trial_memory_estimate(config: StyleConfig) -> int:
     image's size per entry). Pixels are bounded by size^2 (the true aspect ratio is
     known only once the image is read).
     """
-    if config.exact_shape:
-        pixels = config.exact_shape[0] * config.exact_shape[1]
-    else:
-        pixels = config.size * config.size
+    pixels = config.max_image_pixels
     history = 2 * config.history_size * 3 * 4 if config.optimizer == "lbfgs" else 3 * 3 * 4
     return int(1.5e9 + pixels * (5_000 + history))
 
@@ -508,9 +509,8 @@ def concurrency_limit(config: StyleConfig, requested: int | None, cpus: float, c
     """Trials to run at once: what the CPUs and the memory allow, or the request if it fits."""
     by_memory = int(available_memory_bytes() * 0.8 // trial_memory_estimate(config))
     if by_memory < 1:
-        setting = f"exact_size {config.exact_size}" if config.exact_shape else f"size {config.size}"
         raise InputError(
-            f"one trial at {setting} needs about {trial_memory_estimate(config) / 1e9:.1f} GB, but only "
+            f"one trial at {config.size_setting} needs about {trial_memory_estimate(config) / 1e9:.1f} GB, but only "
             f"{available_memory_bytes() / 1e9:.1f} GB is available; use a smaller size (--size, or the "
             "sizes in the search space), or join a cluster with --address"
         )
