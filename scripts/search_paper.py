@@ -38,7 +38,7 @@ def build_argv(argv: list[str]) -> list[str]:
         return ["search", *argv]
     if "--resume" in argv:
         # `search --resume` takes the saved settings and no other options, so the mode's
-        # options stay out; without a folder, the mode's --output is resumed.
+        # options stay out. Without a folder, the mode's --output is resumed.
         index = argv.index("--resume")
         if index + 1 == len(argv) or argv[index + 1].startswith("-"):
             argv = [*argv[: index + 1], mode[mode.index("--output") + 1], *argv[index + 1:]]

@@ -31,7 +31,7 @@ INITS = ("noise", "content", "blend")
 OPTIMIZERS = ("lbfgs", "adam")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 MAX_THREADS = 1024  # a sanity bound, far below 2**31 - 1, where torch.set_num_threads overflows
-MAX_COUNT = 2**31 - 1  # the largest size, step count or history length; torch and deque take C ints
+MAX_COUNT = 2**31 - 1  # the largest size, step count or history length, because torch and deque take C ints
 
 # Fields that name files; they become absolute before a run or a Tune search starts.
 PATH_FIELDS = ("content", "style", "reference", "calibration_dir")
@@ -300,10 +300,10 @@ class StyleConfig:
 
 
 def absolute_file_setting(name: str, value: Any, data_dir: Path) -> Any:
-    """Return the value of file field `name` as an absolute path; other values pass unchanged.
+    """Return the value of file field `name` as an absolute path.
 
-    Images resolve through `resolve_input_path`. Weights that name a built-in source, and
-    empty or non-string values, stay as they are.
+    Images resolve through `resolve_input_path`. Weights that name a built-in source,
+    empty or non-string values, and the values of other fields stay as they are.
     """
     if not isinstance(value, str) or not value:
         return value

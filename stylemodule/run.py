@@ -362,7 +362,7 @@ def finish_run(trainer: pl.Trainer, module: StyleTransferModule, output_dir: Pat
     save_png(module.generated_rgb()[0].cpu(), output_dir / IMAGE_FILE)
     metrics = final_metrics(trainer)
     stalled = stall_step(trainer)
-    # The loss terms of the last step this run took; a stall can stop it between logged steps.
+    # The loss terms of the last step this run took, because a stall can stop it between logged steps.
     losses = {key: float(value) for key, value in module.last_terms.items()}
     if module.last_loss is not None:
         losses[keys.LOSS_TOTAL] = module.last_loss

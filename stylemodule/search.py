@@ -334,9 +334,9 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
             for value in space_values(domain):
                 trial_config({key: value}, base)
         for key, domain in space.items():
-            # Both ends of a numeric range must give a valid config; a few samples can miss one.
+            # Both ends of a numeric range must give a valid config, because a few samples can miss one.
             if key in CONFIG_KEYS and isinstance(domain, (Float, Integer)):
-                # randint excludes its upper bound; qrandint rounds up to it (Ray 2.60).
+                # randint excludes its upper bound, but qrandint can round up to it (checked with Ray 2.60).
                 exclusive = isinstance(domain, Integer) and not isinstance(domain.get_sampler(), Quantized)
                 upper = domain.upper - 1 if exclusive else domain.upper
                 for value in (domain.lower, upper):
@@ -347,8 +347,8 @@ def check_space(space: Mapping[str, Any], base: StyleConfig, samples: int = 3) -
         for _, variant in itertools.islice(variants, samples):
             trial_config(variant, base)
     except (ConfigError, ValueError, TypeError, ZeroDivisionError) as error:
-        # Tune's domains raise ValueError for bounds such as loguniform(high, low), and a
-        # choice of mappings can hold a value of the wrong type.
+        # Tune's domains raise ValueError for bounds such as loguniform(high, low) and
+        # ZeroDivisionError for q = 0, and a choice of mappings can hold a value of the wrong type.
         raise ConfigError(f"the search space gives an invalid config: {error}") from None
 
 
@@ -815,7 +815,7 @@ def plan_search(settings: SearchSettings, base: StyleConfig, data_dir: Path | No
     """Check a search's settings, space and inputs before anything is written or started.
 
     Relative paths in the space resolve in `data_dir` when they are not in the working
-    folder; None means the default data folder.
+    folder. With None, they resolve in the default data folder.
     """
     if settings.scheduler not in SCHEDULERS:
         raise InputError(f"invalid --scheduler '{settings.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")

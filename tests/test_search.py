@@ -194,7 +194,7 @@ def test_stop_reason_from_trial_files(tmp_path: Path, files: dict[str, str], rea
     assert row.stop_reason == reason
 
 
-def test_results_columns_unique_with_fixed_steps(tmp_path: Path) -> None:
+def test_results_columns_unique(tmp_path: Path) -> None:
     trial = tmp_path / "trial_0"
     trial.mkdir()
     (trial / "params.json").write_text('{"steps": 12, "seed": 3}')
@@ -275,7 +275,7 @@ def test_plan_uses_space_fixed_steps(tmp_path: Path, data_dir: Path) -> None:
     assert plan.scheduler._max_t == 120
 
 
-def test_plan_resolves_space_paths_in_data_dir(
+def test_plan_resolves_space_paths(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the images are not in the working folder
@@ -369,7 +369,7 @@ def test_concurrency_default_fits_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert search.concurrency_limit(config, None, cpus=2, cpus_per_trial=2) == 1
 
 
-def test_largest_trial_takes_worst_sampled_settings() -> None:
+def test_largest_trial_worst_sampled_settings() -> None:
     from ray import tune
 
     base = GATYS2016.replace(optimizer="adam", size=64)
@@ -382,7 +382,9 @@ def test_largest_trial_takes_worst_sampled_settings() -> None:
 
     largest = search.largest_trial(space, base)
 
-    assert (largest.size, largest.history_size, largest.optimizer) == (256, 300, "lbfgs")
+    assert largest.size == 256
+    assert largest.history_size == 300
+    assert largest.optimizer == "lbfgs"
     assert search.largest_trial({"pooling": tune.choice(["avg", "max"])}, base) == base
 
 
